@@ -6,3 +6,47 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 os.environ.setdefault("HF_HUB_DISABLE_TELEMETRY", "1")
+
+import io
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+
+def png_bytes(array: np.ndarray) -> bytes:
+    buf = io.BytesIO()
+    Image.fromarray(array).save(buf, format="PNG")
+    return buf.getvalue()
+
+
+def write_pairs_dataset(path: Path, n: int = 10, seed: int = 0) -> Path:
+    """A small dataset in the layout convert_to_hf_dataset.py writes: varied sizes, real images."""
+    import datasets
+
+    rng = np.random.default_rng(seed)
+    rows = {"input_image": [], "edit_prompt": [], "edited_image": []}
+    for i in range(n):
+        h, w = 48 + 8 * (i % 3), 64 + 16 * (i % 2)  # several aspect ratios
+        a = (rng.random((h, w, 3)) * 255).astype(np.uint8)
+        rows["input_image"].append({"bytes": png_bytes(a), "path": None})
+        rows["edited_image"].append({"bytes": png_bytes(255 - a), "path": None})
+        rows["edit_prompt"].append(f"invert the colours of picture {i}")
+    features = datasets.Features({"input_image": datasets.Image(), "edit_prompt": datasets.Value("string"),
+                                  "edited_image": datasets.Image()})
+    datasets.Dataset.from_dict(rows, features=features).save_to_disk(str(path))
+    return path
+
+
+@pytest.fixture(scope="session")
+def tiny_sdxl(tmp_path_factory) -> Path:
+    """A tiny base SDXL (4-channel UNet) in the hub layout, built once per test session."""
+    from ip2p.tiny_model import build_tiny_sdxl
+
+    return build_tiny_sdxl(tmp_path_factory.mktemp("tiny") / "sdxl")
+
+
+@pytest.fixture(scope="session")
+def tiny_pairs(tmp_path_factory) -> Path:
+    return write_pairs_dataset(tmp_path_factory.mktemp("pairs") / "data")

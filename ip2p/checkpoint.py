@@ -1,0 +1,95 @@
+"""Checkpoints: `OUTPUT_DIR/checkpoint-N`, written whole or not at all.
+
+A checkpoint is accelerate's full state (UNet, optimizer, RNG of every process, and the registered
+objects: LR schedule, EMA, the run's position) written under a temporary name and renamed when
+complete, so `latest` never picks a half-written one and old ones are pruned only after the new
+one exists.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import shutil
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+from ip2p.errors import UserError
+
+_NAME = re.compile(r"^checkpoint-(\d+)$")
+STATE_FILE = "training_state.json"
+
+
+@dataclass
+class TrainState:
+    """The run's position, saved in every checkpoint (accelerate's register_for_checkpointing)."""
+
+    global_step: int = 0  # optimizer steps taken
+    num_processes: int = 1
+    total_batch_size: int = 0  # samples per optimizer step, all processes together
+
+    def state_dict(self) -> dict:
+        return asdict(self)
+
+    def load_state_dict(self, state: dict) -> None:
+        for k, v in state.items():
+            setattr(self, k, v)
+
+
+def list_checkpoints(output_dir: str | Path) -> list[Path]:
+    """Complete checkpoints, oldest first (temporary folders are ignored)."""
+    root = Path(output_dir)
+    if not root.is_dir():
+        return []
+    found = [(int(m.group(1)), p) for p in root.iterdir() if p.is_dir() and (m := _NAME.match(p.name))]
+    return [p for _, p in sorted(found)]
+
+
+def is_checkpoint(path: Path) -> bool:
+    return path.is_dir() and (path / STATE_FILE).is_file()
+
+
+def resolve_resume(resume: str | None, output_dir: str | Path) -> Path | None:
+    """The checkpoint to resume from: a path, `latest` (None when there is none yet) or None."""
+    if not resume:
+        return None
+    if resume == "latest":
+        done = [p for p in list_checkpoints(output_dir) if is_checkpoint(p)]
+        return done[-1] if done else None
+    path = Path(resume)
+    if not path.exists() and (Path(output_dir) / resume).exists():
+        path = Path(output_dir) / resume  # diffusers accepts a bare folder name inside output_dir
+    if not is_checkpoint(path):
+        raise UserError(f"--resume_from_checkpoint {resume} is not a checkpoint folder "
+                        f"(no {STATE_FILE}); pass a checkpoint-N folder or 'latest'")
+    return path
+
+
+def save_checkpoint(accelerator, output_dir: str | Path, state: TrainState, total_limit: int | None) -> Path:
+    """Write checkpoint-N atomically on every process's behalf; prune old ones afterwards."""
+    final = Path(output_dir) / f"checkpoint-{state.global_step}"
+    tmp = final.with_name(final.name + ".tmp")
+    if accelerator.is_main_process and tmp.exists():
+        shutil.rmtree(tmp)
+    accelerator.wait_for_everyone()
+    accelerator.save_state(str(tmp))  # every process writes its part (RNG, sharded states)
+    accelerator.wait_for_everyone()
+    if accelerator.is_main_process:
+        (tmp / STATE_FILE).write_text(json.dumps(state.state_dict(), indent=2))
+        if final.exists():
+            shutil.rmtree(final)
+        tmp.rename(final)
+        prune_checkpoints(output_dir, total_limit)
+    accelerator.wait_for_everyone()
+    return final
+
+
+def prune_checkpoints(output_dir: str | Path, total_limit: int | None) -> list[Path]:
+    """Delete the oldest complete checkpoints beyond `total_limit`; returns what was deleted."""
+    if not total_limit:
+        return []
+    done = list_checkpoints(output_dir)
+    old = done[: max(0, len(done) - total_limit)]
+    for p in old:
+        shutil.rmtree(p)
+    return old

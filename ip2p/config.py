@@ -1,0 +1,205 @@
+"""The training configuration: one typed dataclass whose field names are the diffusers flags.
+
+Users paste flags from the diffusers example's docs, so every flag of
+`examples/instruct_pix2pix/train_instruct_pix2pix_sdxl.py` exists here with the same name and
+meaning; the kit's additions are marked "(kit)" in their help. A YAML recipe (`--config FILE`)
+sets defaults, the command line overrides it, unknown keys are an error, and the resolved
+configuration (secrets removed) is written into the output folder.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Literal, Optional
+
+import yaml
+
+from ip2p.errors import UserError
+
+SECRET_FIELDS = ("hub_token",)
+RESOLVED_CONFIG_NAME = "training_config.yaml"
+
+
+def _f(default, help: str, **kw):
+    return field(default=default, metadata={"help": help, **kw})
+
+
+@dataclass
+class TrainConfig:
+    # --- recipe (kit)
+    config: Optional[str] = _f(None, "(kit) YAML recipe in configs/; command-line flags override it")
+
+    # --- model
+    pretrained_model_name_or_path: Optional[str] = _f(
+        None, "SDXL base model: a local folder in the hub layout or a hub id (required)")
+    pretrained_vae_model_name_or_path: Optional[str] = _f(
+        None, "another VAE, e.g. madebyollin/sdxl-vae-fp16-fix (then cast to the mixed-precision dtype)")
+    vae_precision: Literal["fp32", "fp16", "bf16"] = _f(
+        "fp32", "dtype of the base model's VAE when no other VAE is given (the SDXL VAE overflows in fp16)")
+    revision: Optional[str] = _f(None, "hub revision of the model files")
+    variant: Optional[str] = _f(None, "weight file variant, e.g. fp16")
+    non_ema_revision: Optional[str] = _f(None, "accepted for compatibility; unused (as in diffusers)")
+
+    # --- data
+    data_dir: Optional[str] = _f(None, "(kit) a dataset written by convert_to_hf_dataset.py (load_from_disk)")
+    dataset_name: Optional[str] = _f(None, "a hub dataset id or a local folder of parquet/arrow files")
+    dataset_config_name: Optional[str] = _f(None, "the dataset's config name")
+    train_data_dir: Optional[str] = _f(None, "an imagefolder with metadata.jsonl (diffusers behaviour)")
+    cache_dir: Optional[str] = _f(None, "where datasets downloads and caches")
+    original_image_column: str = _f("input_image", "column holding the input photo")
+    edited_image_column: str = _f("edited_image", "column holding the edited photo")
+    edit_prompt_column: str = _f("edit_prompt", "column holding the instruction")
+    max_train_samples: Optional[int] = _f(None, "use only this many samples (shuffled with --seed)")
+    resolution: int = _f(256, "training resolution; images are resized keeping their aspect ratio, then cropped")
+    center_crop: bool = _f(False, "center crop instead of a random crop")
+    random_flip: bool = _f(False, "flip the input and edited images together, half of the time")
+    crops_coords_top_left_h: int = _f(0, "accepted for compatibility; the real crop is used instead")
+    crops_coords_top_left_w: int = _f(0, "accepted for compatibility; the real crop is used instead")
+    dataloader_num_workers: int = _f(0, "DataLoader worker processes (any number works: no GPU work in workers)")
+
+    # --- optimisation
+    train_batch_size: int = _f(16, "batch size per device")
+    num_train_epochs: int = _f(100, "epochs (ignored when --max_train_steps is set)")
+    max_train_steps: Optional[int] = _f(None, "total optimizer steps; overrides --num_train_epochs")
+    gradient_accumulation_steps: int = _f(1, "micro-batches per optimizer step")
+    gradient_checkpointing: bool = _f(False, "recompute UNet activations in the backward pass to save memory")
+    learning_rate: float = _f(1e-4, "initial learning rate (after warmup)")
+    scale_lr: bool = _f(False, "multiply the learning rate by the global batch size")
+    lr_scheduler: str = _f("constant", "linear, cosine, cosine_with_restarts, polynomial, constant, constant_with_warmup")
+    lr_warmup_steps: int = _f(500, "warmup length in optimizer steps")
+    conditioning_dropout_prob: Optional[float] = _f(
+        None, "InstructPix2Pix dropout p: p text only, p both, p image only (the paper uses 0.05)")
+    use_8bit_adam: bool = _f(False, "bitsandbytes 8-bit AdamW (CUDA)")
+    allow_tf32: bool = _f(False, "allow TF32 matmuls and convolutions on Ampere and newer")
+    use_ema: bool = _f(False, "keep an EMA of the UNet; used for validation and the final save")
+    ema_decay: float = _f(0.9999, "(kit) EMA decay (with the usual warm-up (1+s)/(10+s))")
+    adam_beta1: float = _f(0.9, "Adam beta1")
+    adam_beta2: float = _f(0.999, "Adam beta2")
+    adam_weight_decay: float = _f(1e-2, "AdamW weight decay")
+    adam_epsilon: float = _f(1e-8, "Adam epsilon")
+    max_grad_norm: float = _f(1.0, "gradient clipping norm")
+    mixed_precision: Optional[Literal["no", "fp16", "bf16"]] = _f(
+        None, "no, fp16 or bf16; default: the accelerate config's")
+    enable_xformers_memory_efficient_attention: bool = _f(
+        False, "use xformers attention; falls back to PyTorch SDPA with a warning when unavailable")
+    seed: Optional[int] = _f(None, "seed for reproducible training (optional)")
+
+    # --- validation
+    val_image_url_or_path: Optional[str] = _f(None, "validation input photo (path or URL)")
+    validation_prompt: Optional[str] = _f(None, "validation instruction")
+    validation_file: Optional[str] = _f(
+        None, "(kit) JSONL of {\"image\": path, \"prompt\": text} validation pairs (paths relative to the file)")
+    num_validation_images: int = _f(4, "images per validation pair")
+    validation_steps: int = _f(100, "validate every N optimizer steps")
+    validation_num_inference_steps: int = _f(20, "(kit) sampling steps for validation images")
+    validation_guidance_scale: float = _f(7.0, "(kit) text guidance for validation images")
+    validation_image_guidance_scale: float = _f(1.5, "(kit) image guidance for validation images")
+
+    # --- output, logging, checkpoints
+    output_dir: str = _f("instruct-pix2pix-model", "checkpoints, logs, validation images and the final pipeline")
+    logging_dir: str = _f("logs", "tracker folder, relative to --output_dir")
+    report_to: str = _f("tensorboard", "tensorboard, wandb, all or none")
+    tracker_project_name: str = _f("instruct-pix2pix-xl", "(kit) tracker project / run group name")
+    checkpointing_steps: int = _f(500, "save a resumable checkpoint every N optimizer steps")
+    checkpoints_total_limit: Optional[int] = _f(None, "keep at most this many checkpoints")
+    resume_from_checkpoint: Optional[str] = _f(None, "a checkpoint folder or 'latest'")
+    save_dtype: Literal["fp32", "fp16", "bf16"] = _f("fp32", "(kit) dtype of the saved UNet")
+    local_rank: int = _f(-1, "accepted for compatibility; accelerate sets the rank")
+
+    # --- hub
+    push_to_hub: bool = _f(False, "upload the final pipeline (never the checkpoints) to the hub")
+    hub_token: Optional[str] = _f(None, "hub token; prefer the HF_TOKEN environment variable (never written anywhere)")
+    hub_model_id: Optional[str] = _f(None, "hub repository id (default: the output folder's name)")
+
+
+FIELD_NAMES = tuple(f.name for f in dataclasses.fields(TrainConfig))
+
+
+def load_recipe(path: str | Path) -> dict:
+    """Read a YAML recipe; unknown keys are a UserError naming them."""
+    path = Path(path)
+    if not path.is_file():
+        raise UserError(f"config file not found: {path}")
+    try:
+        data = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as e:
+        raise UserError(f"config file {path} is not valid YAML: {e}".replace("\n", " ")) from None
+    if not isinstance(data, dict):
+        raise UserError(f"config file {path} must be a mapping of flag names to values")
+    unknown = sorted(set(data) - set(FIELD_NAMES) - {"config"})
+    if unknown:
+        raise UserError(f"unknown keys in {path}: {', '.join(unknown)} (keys are the trainer's flag names; see --help)")
+    return data
+
+
+def _recipe_to_argv(recipe: dict) -> list[str]:
+    # The recipe goes through the same parser as the command line, so its values get the same
+    # type checks; flags given later on the command line win.
+    argv = []
+    for key, value in recipe.items():
+        if value is None or key == "config":
+            continue
+        argv += [f"--{key}", str(value).lower() if isinstance(value, bool) else str(value)]
+    return argv
+
+
+def build_parser():
+    from transformers import HfArgumentParser
+
+    return HfArgumentParser(TrainConfig, description="Train SDXL InstructPix2Pix (see README.md).")
+
+
+def parse_config(argv: list[str] | None = None) -> TrainConfig:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    pre = argparse.ArgumentParser(add_help=False)
+    pre.add_argument("--config")
+    known, _ = pre.parse_known_args(argv)
+    recipe = load_recipe(known.config) if known.config else {}
+    (cfg,) = build_parser().parse_args_into_dataclasses(args=_recipe_to_argv(recipe) + argv)
+    return cfg
+
+
+def to_dict(cfg: TrainConfig, secrets: bool = False) -> dict:
+    """The configuration as a plain dict; secrets are removed unless asked for."""
+    d = dataclasses.asdict(cfg)
+    if not secrets:
+        for name in SECRET_FIELDS:
+            d.pop(name, None)
+    return d
+
+
+def write_resolved(cfg: TrainConfig, folder: str | Path) -> Path:
+    path = Path(folder) / RESOLVED_CONFIG_NAME
+    path.write_text(yaml.safe_dump(to_dict(cfg), sort_keys=False))
+    return path
+
+
+def validate(cfg: TrainConfig) -> None:
+    """Checks that need no file access beyond existence; each failure is one UserError line."""
+    if not cfg.pretrained_model_name_or_path:
+        raise UserError("--pretrained_model_name_or_path is required (the SDXL base model folder or hub id)")
+    if not (cfg.data_dir or cfg.dataset_name or cfg.train_data_dir):
+        raise UserError("no training data: pass --data_dir (from convert_to_hf_dataset.py), "
+                        "--dataset_name or --train_data_dir")
+    if cfg.resolution <= 0 or cfg.resolution % 8:
+        raise UserError(f"--resolution {cfg.resolution} must be a positive multiple of 8 (the VAE downsamples 8x)")
+    p = cfg.conditioning_dropout_prob
+    if p is not None and not 0 <= p <= 1 / 3:
+        raise UserError(f"--conditioning_dropout_prob {p} must be between 0 and 1/3 (3p of the samples lose something)")
+    for name in ("train_batch_size", "gradient_accumulation_steps", "num_train_epochs", "checkpointing_steps",
+                 "validation_steps"):
+        if getattr(cfg, name) < 1:
+            raise UserError(f"--{name} must be at least 1")
+    if cfg.max_train_steps is not None and cfg.max_train_steps < 1:
+        raise UserError("--max_train_steps must be at least 1")
+    if cfg.dataloader_num_workers < 0:
+        raise UserError("--dataloader_num_workers must be 0 or more")
+    if cfg.report_to not in ("tensorboard", "wandb", "all", "none"):
+        raise UserError(f"--report_to {cfg.report_to!r}: choose tensorboard, wandb, all or none")
+    if cfg.hub_token and cfg.report_to in ("wandb", "all"):
+        raise UserError("--hub_token with --report_to wandb would expose the token; use `hf auth login` "
+                        "or the HF_TOKEN environment variable instead")

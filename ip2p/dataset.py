@@ -1,0 +1,203 @@
+"""Training data: load the edit pairs, turn each into pixels, size ids and token ids.
+
+Everything here runs on the CPU, in DataLoader workers when there are any: decoding, resizing,
+cropping, flipping and tokenizing. No model runs here (the diffusers script runs the text encoders
+on the GPU inside its dataset transform, which is why its workers crash, diffusers#4639).
+
+Random crops and flips come from a generator seeded by (seed, epoch, index), so a sample is the
+same whatever the number of workers and after a resume.
+"""
+
+from __future__ import annotations
+
+import math
+import random
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image
+
+from ip2p.errors import UserError
+from ip2p.images import open_rgb, to_rgb
+
+
+def load_hf_dataset(cfg):
+    """The training split as a `datasets.Dataset`, from --data_dir, --dataset_name or --train_data_dir."""
+    import datasets
+
+    if cfg.data_dir:
+        path = Path(cfg.data_dir)
+        if not path.exists():
+            raise UserError(f"--data_dir {path} does not exist; write it with convert_to_hf_dataset.py")
+        try:
+            ds = datasets.load_from_disk(str(path))
+        except FileNotFoundError:
+            raise UserError(f"--data_dir {path} is not a dataset saved by convert_to_hf_dataset.py "
+                            "(no dataset_info.json / state.json); convert your data first") from None
+    elif cfg.dataset_name:
+        local = Path(cfg.dataset_name)
+        if local.is_dir() and any((local / n).exists() for n in ("state.json", "dataset_dict.json")):
+            ds = datasets.load_from_disk(str(local))
+        else:
+            ds = datasets.load_dataset(cfg.dataset_name, cfg.dataset_config_name, cache_dir=cfg.cache_dir)
+    elif cfg.train_data_dir:
+        if not Path(cfg.train_data_dir).is_dir():
+            raise UserError(f"--train_data_dir {cfg.train_data_dir} is not a folder")
+        ds = datasets.load_dataset("imagefolder", data_dir=cfg.train_data_dir, cache_dir=cfg.cache_dir)
+    else:
+        raise UserError("no training data: pass --data_dir (from convert_to_hf_dataset.py), "
+                        "--dataset_name or --train_data_dir")
+    if isinstance(ds, datasets.DatasetDict):
+        if "train" not in ds:
+            raise UserError(f"the dataset has no 'train' split (splits: {', '.join(ds)})")
+        ds = ds["train"]
+    check_columns(ds.column_names, cfg)
+    if len(ds) == 0:
+        raise UserError("the training dataset is empty")
+    if cfg.max_train_samples is not None:
+        ds = ds.shuffle(seed=cfg.seed or 0).select(range(min(cfg.max_train_samples, len(ds))))
+    return ds
+
+
+def check_columns(columns: list[str], cfg) -> None:
+    for flag in ("original_image_column", "edit_prompt_column", "edited_image_column"):
+        name = getattr(cfg, flag)
+        if name not in columns:
+            raise UserError(f"--{flag} {name!r} is not a column of the dataset; its columns are: "
+                            f"{', '.join(columns)}")
+
+
+def resize_and_crop(
+    original: Image.Image, edited: Image.Image, resolution: int, center_crop: bool,
+    flip: bool, rng: random.Random,
+) -> tuple[Image.Image, Image.Image, tuple[int, int], tuple[int, int]]:
+    """Resize both images so the short side is `resolution`, crop a square, maybe flip both.
+
+    Returns the two crops, the original (h, w) and the crop's (top, left) as SDXL's
+    micro-conditioning expects them (Podell et al. 2023, 2.2). The edited image is first brought
+    to the input's size so the two stay pixel-aligned. When flipped, `left` is measured in the
+    flipped image, like SDXL's own training code.
+    """
+    original_size = (original.height, original.width)
+    if edited.size != original.size:
+        edited = edited.resize(original.size, Image.BICUBIC)
+    scale = resolution / min(original.size)
+    w, h = max(resolution, round(original.width * scale)), max(resolution, round(original.height * scale))
+    original = original.resize((w, h), Image.BICUBIC)
+    edited = edited.resize((w, h), Image.BICUBIC)
+    if center_crop:
+        top, left = (h - resolution) // 2, (w - resolution) // 2
+    else:
+        top, left = rng.randint(0, h - resolution), rng.randint(0, w - resolution)
+    box = (left, top, left + resolution, top + resolution)
+    original, edited = original.crop(box), edited.crop(box)
+    if flip:
+        original = original.transpose(Image.FLIP_LEFT_RIGHT)
+        edited = edited.transpose(Image.FLIP_LEFT_RIGHT)
+        left = w - left - resolution
+    return original, edited, original_size, (top, left)
+
+
+def to_tensor(image: Image.Image) -> torch.Tensor:
+    """uint8 HWC RGB -> float CHW in [-1, 1], the VAE's input range."""
+    a = torch.from_numpy(np.asarray(image, dtype=np.uint8).copy()).permute(2, 0, 1)
+    return a.float().div(127.5).sub(1.0)
+
+
+def _as_image(value) -> Image.Image:
+    # datasets' Image feature gives PIL images; an imagefolder's second column gives paths.
+    if isinstance(value, Image.Image):
+        return to_rgb(value)
+    if isinstance(value, dict):  # an undecoded Image feature
+        return open_rgb(value["bytes"]) if value.get("bytes") else open_rgb(value["path"])
+    if isinstance(value, (str, bytes, Path)):
+        return open_rgb(value)
+    raise TypeError(f"cannot read an image from {type(value).__name__}")
+
+
+def tokenize(tokenizer, prompts: list[str]) -> torch.Tensor:
+    return tokenizer(prompts, padding="max_length", max_length=tokenizer.model_max_length,
+                     truncation=True, return_tensors="pt").input_ids
+
+
+@dataclass
+class PairTransform:
+    """Options that turn one dataset row into training tensors."""
+
+    resolution: int
+    center_crop: bool
+    random_flip: bool
+    seed: int
+
+
+class TrainPairs(torch.utils.data.Dataset):
+    """Edit pairs as pixels, size ids and token ids for both tokenizers."""
+
+    def __init__(self, hf_dataset, cfg, tokenizers):
+        self.ds = hf_dataset
+        self.columns = (cfg.original_image_column, cfg.edited_image_column, cfg.edit_prompt_column)
+        self.transform = PairTransform(cfg.resolution, cfg.center_crop, cfg.random_flip, cfg.seed or 0)
+        self.tokenizers = tokenizers
+        self.epoch = 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def __len__(self) -> int:
+        return len(self.ds)
+
+    def __getitem__(self, index: int) -> dict:
+        row = self.ds[int(index)]
+        o_col, e_col, p_col = self.columns
+        t = self.transform
+        rng = random.Random(f"{t.seed}/{self.epoch}/{index}")
+        flip = t.random_flip and rng.random() < 0.5
+        original, edited, size, crop = resize_and_crop(
+            _as_image(row[o_col]), _as_image(row[e_col]), t.resolution, t.center_crop, flip, rng)
+        prompt = row[p_col] or ""
+        return {
+            "original_pixel_values": to_tensor(original),
+            "edited_pixel_values": to_tensor(edited),
+            "original_size": torch.tensor(size),
+            "crop_top_left": torch.tensor(crop),
+            "input_ids": tokenize(self.tokenizers[0], [prompt])[0],
+            "input_ids_2": tokenize(self.tokenizers[1], [prompt])[0],
+        }
+
+
+def collate(samples: list[dict]) -> dict:
+    return {k: torch.stack([s[k] for s in samples]) for k in samples[0]}
+
+
+class EpochSampler(torch.utils.data.Sampler):
+    """A fresh permutation each epoch from (seed, epoch): the order is part of the run's state."""
+
+    def __init__(self, n: int, seed: int):
+        self.n, self.seed, self.epoch = n, seed, 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def __len__(self) -> int:
+        return self.n
+
+    def __iter__(self):
+        g = torch.Generator().manual_seed(self.seed * 100_003 + self.epoch)
+        return iter(torch.randperm(self.n, generator=g).tolist())
+
+
+def make_dataloader(pairs: TrainPairs, batch_size: int, num_workers: int, seed: int, pin_memory: bool):
+    sampler = EpochSampler(len(pairs), seed)
+    loader = torch.utils.data.DataLoader(
+        pairs, batch_size=batch_size, sampler=sampler, collate_fn=collate,
+        num_workers=num_workers, pin_memory=pin_memory, drop_last=False,
+        persistent_workers=False,  # workers are re-made each epoch and see the dataset's epoch
+    )
+    return loader, sampler
+
+
+def steps_per_epoch(num_batches: int, gradient_accumulation_steps: int) -> int:
+    """Optimizer steps in one epoch: a short last accumulation still makes a step."""
+    return math.ceil(num_batches / gradient_accumulation_steps)

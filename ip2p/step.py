@@ -1,0 +1,44 @@
+"""The training step: an EncodedBatch in, the denoising loss out.
+
+The same function serves every producer (on the fly, cache), the tests and the benchmarks. It
+draws its randomness from the global torch generator of the batch's device, in a fixed order,
+so a run is reproducible from the saved RNG state.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from ip2p.method import (
+    EncodedBatch,
+    apply_conditioning_dropout,
+    compute_loss,
+    diffusion_target,
+    sample_edited_latents,
+)
+
+
+def forward_loss(
+    unet, batch: EncodedBatch, noise_scheduler, scaling_factor: float, conditioning_dropout_prob: float
+) -> torch.Tensor:
+    """Noise the edited latent, condition on the input latent and the text, predict, regress."""
+    mean = batch.edited_latent_mean
+    n = mean.shape[0]
+    # 1. a fresh sample of the edited image's latent (as vae.encode(...).sample() would give)
+    latents = sample_edited_latents(mean, batch.edited_latent_std, torch.randn_like(mean), scaling_factor)
+    # 2. DDPM forward process at a uniform random timestep per sample
+    noise = torch.randn_like(latents)
+    timesteps = torch.randint(
+        0, noise_scheduler.config.num_train_timesteps, (n,), device=latents.device).long()
+    noisy = noise_scheduler.add_noise(latents, noise, timesteps)
+    # 3. InstructPix2Pix conditioning dropout, one uniform draw per sample
+    r = torch.rand(n, device=latents.device)
+    prompt_embeds, pooled, original = apply_conditioning_dropout(batch, r, conditioning_dropout_prob)
+    # 4. the UNet sees the noisy edited latent and the input latent stacked on channels
+    model_input = torch.cat([noisy, original.to(noisy.dtype)], dim=1)
+    pred = unet(
+        model_input, timesteps, prompt_embeds,
+        added_cond_kwargs={"text_embeds": pooled, "time_ids": batch.time_ids},
+        return_dict=False,
+    )[0]
+    return compute_loss(pred, diffusion_target(noise_scheduler, latents, noise, timesteps))

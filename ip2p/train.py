@@ -1,0 +1,313 @@
+"""The training loop, in one fixed order.
+
+    setup -> data -> optimizer and schedule -> resume -> for each micro-batch:
+        encode (on the fly) -> forward_loss -> backward -> [optimizer step]
+        after a real optimizer step only: LR step, EMA, log, checkpoint, validation
+    -> final pipeline + model card (main process)
+
+`global_step` counts optimizer steps everywhere: the LR schedule, logs, checkpoints, validation.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import time
+import warnings
+from pathlib import Path
+
+import torch
+from tqdm.auto import tqdm
+
+from ip2p import checkpoint as ckpt
+from ip2p.config import TrainConfig, to_dict, write_resolved
+from ip2p.dataset import TrainPairs, load_hf_dataset, make_dataloader, steps_per_epoch
+from ip2p.encode import OnTheFlyEncoder
+from ip2p.errors import UserError
+from ip2p.method import expand_conv_in
+from ip2p.models import load_parts, vae_scale_factor
+from ip2p.model_card import write_model_card
+from ip2p.step import forward_loss
+from ip2p.validation import Validator, load_validation_pairs, log_grid
+
+DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16, "no": torch.float32}
+
+
+def make_accelerator(cfg: TrainConfig):
+    from accelerate import Accelerator
+    from accelerate.utils import DataLoaderConfiguration, ProjectConfiguration
+
+    log_with = None if cfg.report_to == "none" else cfg.report_to
+    return Accelerator(
+        gradient_accumulation_steps=cfg.gradient_accumulation_steps,
+        mixed_precision=cfg.mixed_precision,
+        log_with=log_with,
+        project_config=ProjectConfiguration(
+            project_dir=cfg.output_dir, logging_dir=str(Path(cfg.output_dir) / cfg.logging_dir)),
+        dataloader_config=DataLoaderConfiguration(non_blocking=torch.cuda.is_available()),
+    )
+
+
+def enable_attention(unet, want_xformers: bool) -> str:
+    """xformers when asked for and working, else PyTorch SDPA (the default) with a warning."""
+    if not want_xformers:
+        return "sdpa"
+    try:
+        unet.enable_xformers_memory_efficient_attention()
+        return "xformers"
+    except Exception as e:  # missing package, no kernels for this torch/GPU, CPU tensors, ...
+        warnings.warn(f"xformers unavailable ({str(e).splitlines()[0][:120]}); using PyTorch SDPA attention")
+        return "sdpa"
+
+
+def prepare_models(parts, cfg: TrainConfig, device, weight_dtype: torch.dtype) -> None:
+    """Freeze the encoders, widen and configure the UNet, put everything on the device."""
+    for frozen in (parts.vae, parts.text_encoder, parts.text_encoder_2):
+        frozen.requires_grad_(False).eval()
+    vae_dtype = weight_dtype if cfg.pretrained_vae_model_name_or_path else DTYPES[cfg.vae_precision]
+    for module, dtype in ((parts.vae, vae_dtype), (parts.text_encoder, weight_dtype),
+                          (parts.text_encoder_2, weight_dtype)):
+        module.to(device)
+        if module.dtype != dtype:
+            module.to(dtype=dtype)
+    unet = expand_conv_in(parts.unet, 8)
+    unet.requires_grad_(True).train()
+    if cfg.gradient_checkpointing:
+        unet.enable_gradient_checkpointing()
+    enable_attention(unet, cfg.enable_xformers_memory_efficient_attention)
+    if device.type == "cuda":
+        unet.to(memory_format=torch.channels_last)
+        if cfg.allow_tf32:
+            torch.backends.cuda.matmul.allow_tf32 = True
+            torch.backends.cudnn.allow_tf32 = True
+
+
+def make_optimizer(cfg: TrainConfig, params, lr: float, device):
+    kwargs = dict(lr=lr, betas=(cfg.adam_beta1, cfg.adam_beta2), weight_decay=cfg.adam_weight_decay,
+                  eps=cfg.adam_epsilon)
+    if cfg.use_8bit_adam:
+        if device.type != "cuda":
+            raise UserError("--use_8bit_adam needs a CUDA GPU (bitsandbytes); drop the flag on this machine")
+        try:
+            import bitsandbytes as bnb
+        except ImportError:
+            raise UserError("--use_8bit_adam needs bitsandbytes: pip install bitsandbytes") from None
+        return bnb.optim.AdamW8bit(params, **kwargs)
+    return torch.optim.AdamW(params, fused=device.type == "cuda", **kwargs)
+
+
+class MetricsLog:
+    """OUTPUT_DIR/logs/metrics.jsonl: one JSON object per optimizer step (main process only)."""
+
+    def __init__(self, path: Path, enabled: bool):
+        self.path, self.enabled = path, enabled
+        if enabled:
+            path.parent.mkdir(parents=True, exist_ok=True)
+
+    def truncate_after(self, step: int) -> None:
+        if self.enabled and self.path.exists():
+            rows = [r for r in self.path.read_text().splitlines() if r and json.loads(r)["step"] <= step]
+            self.path.write_text("".join(r + "\n" for r in rows))
+
+    def write(self, row: dict) -> None:
+        if self.enabled:
+            with open(self.path, "a") as f:
+                f.write(json.dumps(row) + "\n")
+
+
+def peak_memory_gib(device) -> float:
+    return torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else 0.0
+
+
+def batch_arithmetic(cfg: TrainConfig, num_processes: int) -> tuple[int, float]:
+    """Global batch (samples per optimizer step) and the learning rate after --scale_lr."""
+    total = cfg.train_batch_size * num_processes * cfg.gradient_accumulation_steps
+    return total, cfg.learning_rate * total if cfg.scale_lr else cfg.learning_rate
+
+
+def train(cfg: TrainConfig) -> Path:
+    from diffusers.optimization import get_scheduler
+    from diffusers.training_utils import EMAModel
+
+    output_dir = Path(cfg.output_dir)
+    accelerator = make_accelerator(cfg)
+    main = accelerator.is_main_process
+    device = accelerator.device
+    weight_dtype = DTYPES[accelerator.mixed_precision]
+    if cfg.seed is not None:
+        from accelerate.utils import set_seed
+
+        set_seed(cfg.seed, device_specific=True)  # different noise on each rank, reproducible
+
+    # --- models, data, validation inputs (all user errors surface here, before anything is written)
+    validation_pairs = load_validation_pairs(cfg)
+    resume_path = ckpt.resolve_resume(cfg.resume_from_checkpoint, output_dir)
+    with accelerator.main_process_first():
+        hf_dataset = load_hf_dataset(cfg)
+    parts = load_parts(cfg)
+    prepare_models(parts, cfg, device, weight_dtype)
+    pairs = TrainPairs(hf_dataset, cfg, (parts.tokenizer, parts.tokenizer_2))
+    loader, sampler = make_dataloader(pairs, cfg.train_batch_size, cfg.dataloader_num_workers,
+                                      cfg.seed or 0, pin_memory=device.type == "cuda")
+    if main:
+        output_dir.mkdir(parents=True, exist_ok=True)
+        write_resolved(cfg, output_dir)
+
+    # --- optimizer, schedule, EMA
+    total_batch_size, lr = batch_arithmetic(cfg, accelerator.num_processes)
+    unet = parts.unet
+    optimizer = make_optimizer(cfg, unet.parameters(), lr, device)
+    ema = None
+    if cfg.use_ema:
+        ema = EMAModel(unet.parameters(), decay=cfg.ema_decay, model_cls=type(unet), model_config=unet.config)
+        ema.to(device)
+    unet, optimizer, loader = accelerator.prepare(unet, optimizer, loader)
+    spe = steps_per_epoch(len(loader), cfg.gradient_accumulation_steps)
+    max_steps = cfg.max_train_steps or cfg.num_train_epochs * spe
+    num_epochs = math.ceil(max_steps / spe)
+    # The schedule is stepped once per optimizer step by this loop (not by accelerate, which
+    # would step it num_processes times: diffusers#8312), so its lengths are optimizer steps.
+    lr_scheduler = get_scheduler(cfg.lr_scheduler, optimizer=optimizer, num_warmup_steps=cfg.lr_warmup_steps,
+                                 num_training_steps=max_steps)
+    state = ckpt.TrainState(0, accelerator.num_processes, total_batch_size)
+    accelerator.register_for_checkpointing(lr_scheduler, state)
+    if ema is not None:
+        accelerator.register_for_checkpointing(ema)
+
+    metrics = MetricsLog(output_dir / "logs" / "metrics.jsonl", main)
+    if resume_path is not None:
+        accelerator.load_state(str(resume_path))
+        if state.num_processes != accelerator.num_processes:
+            accelerator.print(f"warning: {resume_path} was written by {state.num_processes} processes, this run has "
+                              f"{accelerator.num_processes}; the data order after resuming differs from an unbroken run")
+        state.num_processes, state.total_batch_size = accelerator.num_processes, total_batch_size
+        metrics.truncate_after(state.global_step)  # rows a crashed run logged after its checkpoint
+        accelerator.print(f"resumed from {resume_path} at optimizer step {state.global_step}")
+    elif cfg.resume_from_checkpoint == "latest":
+        accelerator.print(f"no checkpoint in {output_dir} yet; starting a new run")
+
+    if main:
+        tracker_config = {k: v for k, v in to_dict(cfg).items() if isinstance(v, (int, float, str, bool))}
+        accelerator.init_trackers(cfg.tracker_project_name, config=tracker_config)
+    accelerator.print(
+        f"{len(hf_dataset)} pairs | {accelerator.num_processes} processes x {cfg.train_batch_size} per device x "
+        f"{cfg.gradient_accumulation_steps} accumulation = {total_batch_size} per optimizer step | lr {lr:g} | "
+        f"{spe} optimizer steps per epoch, {max_steps} in all ({num_epochs} epochs)")
+
+    encoder = OnTheFlyEncoder(parts.vae, parts.text_encoder, parts.text_encoder_2, cfg.resolution, weight_dtype)
+    validator = Validator(cfg, parts, validation_pairs, weight_dtype) if validation_pairs else None
+    dropout_p = cfg.conditioning_dropout_prob or 0.0
+    scaling = parts.vae.config.scaling_factor
+    bar = tqdm(total=max_steps, initial=state.global_step, disable=not main, desc="optimizer steps")
+    last_grid = None
+    loss_sum, micro_steps, t0 = torch.zeros((), device=device), 0, time.perf_counter()
+
+    first_epoch = state.global_step // spe
+    for epoch in range(first_epoch, num_epochs):
+        if state.global_step >= max_steps:
+            break
+        sampler.set_epoch(epoch)
+        pairs.set_epoch(epoch)
+        epoch_loader = loader
+        skip = (state.global_step - epoch * spe) * cfg.gradient_accumulation_steps
+        if skip > 0:
+            epoch_loader = accelerator.skip_first_batches(loader, skip)
+        for batch in epoch_loader:
+            with accelerator.accumulate(unet):
+                encoded = encoder(batch, device)
+                loss = forward_loss(unet, encoded, parts.noise_scheduler, scaling, dropout_p)
+                accelerator.backward(loss)
+                if accelerator.sync_gradients:
+                    accelerator.clip_grad_norm_(unet.parameters(), cfg.max_grad_norm)
+                optimizer.step()
+                optimizer.zero_grad(set_to_none=True)
+            loss_sum += loss.detach()
+            micro_steps += 1
+            if not accelerator.sync_gradients:
+                continue
+
+            # --- after a real optimizer step only
+            lr_scheduler.step()
+            if ema is not None:
+                ema.step(unet.parameters())
+            state.global_step += 1
+            step = state.global_step
+            mean_loss = accelerator.reduce(loss_sum / micro_steps, reduction="mean").item()
+            elapsed = time.perf_counter() - t0
+            row = {"step": step, "epoch": epoch, "loss": mean_loss, "lr": lr_scheduler.get_last_lr()[0],
+                   "samples_per_s": micro_steps * cfg.train_batch_size * accelerator.num_processes / elapsed,
+                   "peak_memory_gib": peak_memory_gib(device)}
+            metrics.write(row)
+            accelerator.log({k: v for k, v in row.items() if k != "step"}, step=step)
+            bar.update(1)
+            bar.set_postfix(loss=f"{mean_loss:.4f}", lr=f"{row['lr']:.2e}",
+                            samples_s=f"{row['samples_per_s']:.2f}", peak_gib=f"{row['peak_memory_gib']:.1f}")
+            loss_sum.zero_()
+            micro_steps, t0 = 0, time.perf_counter()
+
+            if step % cfg.checkpointing_steps == 0:
+                ckpt.save_checkpoint(accelerator, output_dir, state, cfg.checkpoints_total_limit)
+            if validator is not None and main and step % cfg.validation_steps == 0:
+                last_grid = validate(accelerator, validator, unet, ema, step, output_dir)
+            t0 = time.perf_counter()  # the rate excludes checkpoint and validation time
+            if step >= max_steps:
+                break
+    bar.close()
+
+    accelerator.wait_for_everyone()
+    if main:
+        if validator is not None and (last_grid is None or not last_grid.endswith(f"step-{state.global_step}.png")):
+            last_grid = validate(accelerator, validator, unet, ema, state.global_step, output_dir)
+        save_pipeline(cfg, parts, accelerator.unwrap_model(unet), ema, output_dir)
+        write_model_card(output_dir, cfg, state.global_step, len(hf_dataset), last_grid)
+        if cfg.push_to_hub:
+            push_to_hub(cfg, output_dir)
+        accelerator.print(f"saved the InstructPix2Pix pipeline to {output_dir}")
+    accelerator.end_training()
+    return output_dir
+
+
+def validate(accelerator, validator, unet, ema, step: int, output_dir: Path) -> str:
+    """Render with the EMA weights when there are any, then put the trained weights back."""
+    model = accelerator.unwrap_model(unet)
+    if ema is not None:
+        ema.store(model.parameters())
+        ema.copy_to(model.parameters())
+    grid = validator.render(model, step)
+    if ema is not None:
+        ema.restore(model.parameters())
+    path = log_grid(accelerator, grid, step, output_dir)
+    return str(path.relative_to(output_dir))
+
+
+def save_pipeline(cfg: TrainConfig, parts, unet, ema, output_dir: Path) -> None:
+    """The final StableDiffusionXLInstructPix2PixPipeline folder (safetensors), loadable as is."""
+    from diffusers import EulerDiscreteScheduler, StableDiffusionXLInstructPix2PixPipeline
+
+    if ema is not None:
+        ema.copy_to(unet.parameters())
+    # The pipeline's default output size is sample_size * 8: make it the training resolution.
+    unet.register_to_config(sample_size=cfg.resolution // vae_scale_factor(parts.vae))
+    unet = unet.to(memory_format=torch.contiguous_format)
+    if unet.dtype != DTYPES[cfg.save_dtype]:
+        unet = unet.to(DTYPES[cfg.save_dtype])
+    scheduler = EulerDiscreteScheduler.from_pretrained(
+        cfg.pretrained_model_name_or_path, subfolder="scheduler", revision=cfg.revision)
+    pipeline = StableDiffusionXLInstructPix2PixPipeline(
+        vae=parts.vae, text_encoder=parts.text_encoder, text_encoder_2=parts.text_encoder_2,
+        tokenizer=parts.tokenizer, tokenizer_2=parts.tokenizer_2, unet=unet, scheduler=scheduler)
+    pipeline.save_pretrained(output_dir, safe_serialization=True)
+
+
+def push_to_hub(cfg: TrainConfig, output_dir: Path) -> None:
+    """Upload the pipeline, the model card and the validation grids; never checkpoints or logs."""
+    from huggingface_hub import create_repo, upload_folder
+
+    token = cfg.hub_token or os.environ.get("HF_TOKEN")
+    repo_id = create_repo(cfg.hub_model_id or output_dir.name, exist_ok=True, token=token).repo_id
+    upload_folder(repo_id=repo_id, folder_path=str(output_dir), token=token,
+                  commit_message="InstructPix2Pix SDXL", ignore_patterns=HUB_IGNORE)
+
+
+HUB_IGNORE = ["checkpoint-*", "checkpoint-*/**", "logs/**", "*.tmp", "*.tmp/**"]

@@ -1,0 +1,85 @@
+"""The trainer's flags: the diffusers names, YAML recipes, overrides, unknown keys, secrets."""
+
+import pytest
+import yaml
+
+from ip2p.config import RESOLVED_CONFIG_NAME, parse_config, validate, write_resolved
+from ip2p.errors import UserError
+
+# Every flag of diffusers' examples/instruct_pix2pix/train_instruct_pix2pix_sdxl.py.
+DIFFUSERS_FLAGS = """pretrained_model_name_or_path pretrained_vae_model_name_or_path vae_precision revision
+variant dataset_name dataset_config_name train_data_dir original_image_column edited_image_column
+edit_prompt_column val_image_url_or_path validation_prompt num_validation_images validation_steps
+max_train_samples output_dir cache_dir seed resolution crops_coords_top_left_h crops_coords_top_left_w
+center_crop random_flip train_batch_size num_train_epochs max_train_steps gradient_accumulation_steps
+gradient_checkpointing learning_rate scale_lr lr_scheduler lr_warmup_steps conditioning_dropout_prob
+use_8bit_adam allow_tf32 use_ema non_ema_revision dataloader_num_workers adam_beta1 adam_beta2
+adam_weight_decay adam_epsilon max_grad_norm push_to_hub hub_token hub_model_id logging_dir
+mixed_precision report_to local_rank checkpointing_steps checkpoints_total_limit resume_from_checkpoint
+enable_xformers_memory_efficient_attention""".split()
+
+BOOL_FLAGS = {"center_crop", "random_flip", "gradient_checkpointing", "scale_lr", "use_8bit_adam", "allow_tf32",
+              "use_ema", "push_to_hub", "enable_xformers_memory_efficient_attention"}
+
+
+def test_every_diffusers_flag_is_accepted_with_its_name():
+    from ip2p.config import FIELD_NAMES
+
+    assert set(DIFFUSERS_FLAGS) <= set(FIELD_NAMES)
+    argv = []
+    for flag in DIFFUSERS_FLAGS:
+        if flag in BOOL_FLAGS:
+            argv.append(f"--{flag}")
+    cfg = parse_config(argv + ["--mixed_precision", "bf16", "--vae_precision", "fp16", "--seed", "7"])
+    assert all(getattr(cfg, f) is True for f in BOOL_FLAGS)
+    assert cfg.mixed_precision == "bf16" and cfg.vae_precision == "fp16" and cfg.seed == 7
+
+
+def test_diffusers_defaults_are_kept():
+    cfg = parse_config([])
+    assert (cfg.resolution, cfg.train_batch_size, cfg.learning_rate, cfg.lr_scheduler) == (256, 16, 1e-4, "constant")
+    assert (cfg.original_image_column, cfg.edit_prompt_column, cfg.edited_image_column) == (
+        "input_image", "edit_prompt", "edited_image")
+    assert cfg.seed is None and cfg.conditioning_dropout_prob is None and cfg.checkpointing_steps == 500
+
+
+def test_recipe_sets_defaults_and_the_command_line_wins(tmp_path):
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text("resolution: 512\ntrain_batch_size: 4\nlearning_rate: 5e-6\nuse_ema: true\n")
+    cfg = parse_config(["--config", str(recipe), "--train_batch_size", "3"])
+    assert cfg.resolution == 512 and cfg.train_batch_size == 3 and cfg.learning_rate == 5e-6 and cfg.use_ema
+
+
+def test_shipped_recipes_parse():
+    for name in ("configs/sdxl_1024_8xa100.yaml", "configs/tiny_cpu.yaml"):
+        parse_config(["--config", name])
+    cfg = parse_config(["--config", "configs/sdxl_1024_8xa100.yaml"])
+    assert (cfg.train_batch_size, cfg.gradient_accumulation_steps) == (4, 2)  # 64 per optimizer step on 8 GPUs
+    assert (cfg.resolution, cfg.mixed_precision, cfg.use_8bit_adam, cfg.gradient_checkpointing) == (1024, "bf16", True, True)
+    assert (cfg.use_ema, cfg.conditioning_dropout_prob, cfg.learning_rate, cfg.lr_scheduler) == (False, 0.05, 5e-6, "constant")
+
+
+def test_unknown_recipe_keys_are_an_error(tmp_path):
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text("resolution: 512\nlearning_rat: 1e-5\n")
+    with pytest.raises(UserError, match="unknown keys.*learning_rat"):
+        parse_config(["--config", str(recipe)])
+
+
+def test_resolved_config_has_no_secrets(tmp_path):
+    cfg = parse_config(["--hub_token", "hf_secret_value", "--resolution", "512"])
+    text = write_resolved(cfg, tmp_path).read_text()
+    assert "hf_secret_value" not in text and "hub_token" not in text
+    assert yaml.safe_load((tmp_path / RESOLVED_CONFIG_NAME).read_text())["resolution"] == 512
+
+
+@pytest.mark.parametrize("argv, message", [
+    ([], "pretrained_model_name_or_path is required"),
+    (["--pretrained_model_name_or_path", "m"], "no training data"),
+    (["--pretrained_model_name_or_path", "m", "--data_dir", "d", "--resolution", "100"], "multiple of 8"),
+    (["--pretrained_model_name_or_path", "m", "--data_dir", "d", "--conditioning_dropout_prob", "0.5"], "1/3"),
+    (["--pretrained_model_name_or_path", "m", "--data_dir", "d", "--hub_token", "x", "--report_to", "wandb"], "HF_TOKEN"),
+])
+def test_bad_flag_values_are_user_errors(argv, message):
+    with pytest.raises(UserError, match=message):
+        validate(parse_config(argv))

@@ -1,0 +1,35 @@
+#!/usr/bin/env python
+"""Train SDXL into an instruction-based image editor (InstructPix2Pix), with the diffusers flags.
+
+Usually launched through ./train.sh (accelerate). Directly, on one process:
+
+    python train_instruct_pix2pix_sdxl.py --config configs/sdxl_1024_8xa100.yaml \\
+        --pretrained_model_name_or_path stabilityai/stable-diffusion-xl-base-1.0 --data_dir ./data_hf
+
+    # the tiny CPU recipe, on a tiny model from `python -m ip2p.tiny_model --output_dir tiny-sdxl`
+    python train_instruct_pix2pix_sdxl.py --config configs/tiny_cpu.yaml \\
+        --pretrained_model_name_or_path tiny-sdxl --data_dir ./data_hf --output_dir ./tiny-run
+
+Every flag of diffusers' examples/instruct_pix2pix/train_instruct_pix2pix_sdxl.py is accepted with
+the same meaning; `--help` lists them, the kit's additions marked "(kit)". Resume a run by running
+the same command with `--resume_from_checkpoint latest`.
+"""
+
+import sys
+
+from ip2p.config import parse_config, validate
+from ip2p.errors import cli
+
+
+@cli
+def main(argv=None) -> int:
+    cfg = parse_config(argv)
+    validate(cfg)
+    from ip2p.train import train
+
+    train(cfg)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -6,7 +6,7 @@ import io
 from pathlib import Path
 
 import numpy as np
-from PIL import Image, ImageOps
+from PIL import Image, ImageOps, UnidentifiedImageError
 
 from ip2p.errors import UserError
 
@@ -51,6 +51,9 @@ def open_rgb(source: str | Path | bytes) -> Image.Image:
         try:
             image = Image.open(fp)
             image.load()
+        except UnidentifiedImageError:
+            raise UserError(f"not an image (unknown or corrupt format): {name}") from None
         except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as e:
-            raise UserError(f"not a readable image: {name} ({e})") from None
+            detail = str(e).split(" <_io.")[0] or type(e).__name__
+            raise UserError(f"not a readable image: {name} ({detail})") from None
     return to_rgb(image)

@@ -1,0 +1,86 @@
+"""Stage 4: edit photos with a trained SDXL InstructPix2Pix pipeline.
+
+One photo:
+    python inference.py --model_path ./ip2p-sdxl --input_image photo.jpg \\
+        --instruction "turn the sky into sunset" --output_path result.png
+
+A folder of photos (outputs named after their inputs: photo.jpg -> edited/photo.png):
+    python inference.py --model_path ./ip2p-sdxl --input_image photos/ \\
+        --instruction "make it winter" --output_dir edited/
+
+One instruction per photo, from a JSONL file, one edit a line (image paths relative to the file;
+"output", a name under --output_dir, optional):
+    {"image": "a.jpg", "instruction": "make it winter", "output": "a_winter.png"}
+    python inference.py --model_path ./ip2p-sdxl --prompts_file edits.jsonl --output_dir edited/
+
+Pick guidance by looking: one labelled grid, rows = image guidance, columns = text guidance, the
+input photo beside them, the same seed in every cell:
+    python inference.py --model_path ./ip2p-sdxl --input_image photo.jpg \\
+        --instruction "make it snow" --sweep_image_guidance 1.0,1.5,2.0 --sweep_guidance 3,5,7.5 \\
+        --output_path sweep.png
+
+Size: the output keeps the photo's aspect ratio; its long side is --resolution (default: the one
+the model was trained at, from training_config.yaml in the model folder), rounded so the latents
+divide evenly through the UNet (multiples of 32 for SDXL). EXIF orientation is applied; any image
+mode is read as RGB (transparency over white).
+
+Guidance: InstructPix2Pix guides twice, by the text (--guidance_scale) and by the photo
+(--image_guidance_scale). The pipeline turns all guidance off when the text scale is <= 1 or the
+image scale is < 1. Without --negative_prompt the unconditional text is the zero embedding the
+model was trained with; a negative prompt replaces it with encoded text the model never saw.
+
+Device and precision are picked automatically (cuda: bf16, or fp16 where bf16 is unsupported;
+mps: fp16; cpu: fp32); --device / --dtype override. fp16 note: the stock SDXL VAE overflows in
+fp16, so the pipeline runs it in fp32 whenever its config says force_upcast (the stock one does);
+--vae_path to an fp16-safe VAE (e.g. a local copy of madebyollin/sdxl-vae-fp16-fix) keeps it fp16.
+
+Nothing is downloaded: the model folder must hold the whole pipeline. Errors in the inputs are
+found before the model loads and before anything is written; each output is written whole.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")  # a local folder only; never reach for the hub
+
+from transformers import HfArgumentParser  # noqa: E402
+
+from ip2p.errors import UserError, cli  # noqa: E402
+from ip2p.infer import InferenceArgs, run  # noqa: E402
+
+
+class _Formatter(argparse.RawDescriptionHelpFormatter):
+    """Keep the usage examples' line breaks; show each flag's default where it has one."""
+
+    def _get_help_string(self, action: argparse.Action) -> str:
+        if action.default in (None, False, argparse.SUPPRESS):
+            return action.help or ""
+        return f"{action.help} (default: %(default)s)"
+
+
+class _Parser(HfArgumentParser):
+    """Bad flags are user errors: one line and exit code 2, also when main() runs in-process."""
+
+    def error(self, message: str):
+        raise UserError(f"{message} (see python inference.py --help)")
+
+
+def parse_args(argv: list[str] | None = None) -> InferenceArgs:
+    parser = _Parser(InferenceArgs, description=__doc__, formatter_class=_Formatter)
+    args, unknown = parser.parse_args_into_dataclasses(args=argv, return_remaining_strings=True)
+    if unknown:
+        raise UserError(f"unrecognized arguments: {' '.join(unknown)} "
+                        "(see python inference.py --help)")
+    return args
+
+
+@cli
+def main(argv: list[str] | None = None) -> int:
+    return run(parse_args(argv))
+
+
+if __name__ == "__main__":
+    sys.exit(main())

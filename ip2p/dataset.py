@@ -4,8 +4,8 @@ Everything here runs on the CPU, in DataLoader workers when there are any: decod
 cropping, flipping and tokenizing. No model runs here (the diffusers script runs the text encoders
 on the GPU inside its dataset transform, which is why its workers crash, diffusers#4639).
 
-Random crops and flips come from a generator seeded by (seed, epoch, index), so a sample is the
-same whatever the number of workers and after a resume.
+Random crops come from a generator seeded by (seed, index) and flips from (seed, epoch, index),
+so a sample is the same whatever the number of workers and after a resume.
 """
 
 from __future__ import annotations
@@ -133,7 +133,12 @@ class PairTransform:
 
 
 class TrainPairs(torch.utils.data.Dataset):
-    """Edit pairs as pixels, size ids and token ids for both tokenizers."""
+    """Edit pairs as pixels, size ids and token ids for both tokenizers.
+
+    The crop of a sample is drawn once from (seed, index) and kept for the whole run; the flip is
+    drawn again each epoch from (seed, epoch, index). The latent cache stores exactly these views
+    (both orientations), so the cache and encoding on the fly train on the same data.
+    """
 
     def __init__(self, hf_dataset, cfg, tokenizers):
         self.ds = hf_dataset
@@ -148,23 +153,30 @@ class TrainPairs(torch.utils.data.Dataset):
     def __len__(self) -> int:
         return len(self.ds)
 
-    def __getitem__(self, index: int) -> dict:
+    def read(self, index: int) -> tuple[Image.Image, Image.Image, str]:
         row = self.ds[int(index)]
         o_col, e_col, p_col = self.columns
+        return _as_image(row[o_col]), _as_image(row[e_col]), row[p_col] or ""
+
+    def view(self, original: Image.Image, edited: Image.Image, index: int, flip: bool) -> dict:
         t = self.transform
-        rng = random.Random(f"{t.seed}/{self.epoch}/{index}")
-        flip = t.random_flip and rng.random() < 0.5
-        original, edited, size, crop = resize_and_crop(
-            _as_image(row[o_col]), _as_image(row[e_col]), t.resolution, t.center_crop, flip, rng)
-        prompt = row[p_col] or ""
-        return {
-            "original_pixel_values": to_tensor(original),
-            "edited_pixel_values": to_tensor(edited),
-            "original_size": torch.tensor(size),
-            "crop_top_left": torch.tensor(crop),
-            "input_ids": tokenize(self.tokenizers[0], [prompt])[0],
-            "input_ids_2": tokenize(self.tokenizers[1], [prompt])[0],
-        }
+        crop_rng = random.Random(f"crop/{t.seed}/{index}")
+        o, e, size, crop = resize_and_crop(original, edited, t.resolution, t.center_crop, flip, crop_rng)
+        return {"original_pixel_values": to_tensor(o), "edited_pixel_values": to_tensor(e),
+                "original_size": torch.tensor(size), "crop_top_left": torch.tensor(crop)}
+
+    def tokens(self, prompt: str) -> dict:
+        return {"input_ids": tokenize(self.tokenizers[0], [prompt])[0],
+                "input_ids_2": tokenize(self.tokenizers[1], [prompt])[0]}
+
+    def __getitem__(self, index: int) -> dict:
+        original, edited, prompt = self.read(index)
+        flip = flip_decision(self.transform, self.epoch, index)
+        return {**self.view(original, edited, index, flip), **self.tokens(prompt)}
+
+
+def flip_decision(t: PairTransform, epoch: int, index: int) -> bool:
+    return t.random_flip and random.Random(f"flip/{t.seed}/{epoch}/{index}").random() < 0.5
 
 
 def collate(samples: list[dict]) -> dict:
@@ -194,6 +206,7 @@ def make_dataloader(pairs: TrainPairs, batch_size: int, num_workers: int, seed: 
         pairs, batch_size=batch_size, sampler=sampler, collate_fn=collate,
         num_workers=num_workers, pin_memory=pin_memory, drop_last=False,
         persistent_workers=False,  # workers are re-made each epoch and see the dataset's epoch
+        generator=torch.Generator().manual_seed(seed),  # keeps the global (noise) generator untouched
     )
     return loader, sampler
 

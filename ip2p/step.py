@@ -18,6 +18,12 @@ from ip2p.method import (
 )
 
 
+def _randn(like: torch.Tensor) -> torch.Tensor:
+    # Not randn_like: that follows the input's memory layout, so the same draw would land in
+    # other elements for a cached (contiguous) and an encoded (strided view) latent.
+    return torch.randn(like.shape, device=like.device, dtype=like.dtype)
+
+
 def forward_loss(
     unet, batch: EncodedBatch, noise_scheduler, scaling_factor: float, conditioning_dropout_prob: float
 ) -> torch.Tensor:
@@ -25,9 +31,9 @@ def forward_loss(
     mean = batch.edited_latent_mean
     n = mean.shape[0]
     # 1. a fresh sample of the edited image's latent (as vae.encode(...).sample() would give)
-    latents = sample_edited_latents(mean, batch.edited_latent_std, torch.randn_like(mean), scaling_factor)
+    latents = sample_edited_latents(mean, batch.edited_latent_std, _randn(mean), scaling_factor)
     # 2. DDPM forward process at a uniform random timestep per sample
-    noise = torch.randn_like(latents)
+    noise = _randn(latents)
     timesteps = torch.randint(
         0, noise_scheduler.config.num_train_timesteps, (n,), device=latents.device).long()
     noisy = noise_scheduler.add_noise(latents, noise, timesteps)

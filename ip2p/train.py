@@ -10,6 +10,7 @@
 
 from __future__ import annotations
 
+import functools
 import json
 import math
 import os
@@ -21,6 +22,7 @@ import torch
 from tqdm.auto import tqdm
 
 from ip2p import checkpoint as ckpt
+from ip2p.cache import CachedPairs, LatentCache, build_cache, cache_key, cached_batch
 from ip2p.config import TrainConfig, to_dict, write_resolved
 from ip2p.dataset import TrainPairs, load_hf_dataset, make_dataloader, steps_per_epoch
 from ip2p.encode import OnTheFlyEncoder
@@ -68,7 +70,6 @@ def prepare_models(parts, cfg: TrainConfig, device, weight_dtype: torch.dtype) -
     vae_dtype = weight_dtype if cfg.pretrained_vae_model_name_or_path else DTYPES[cfg.vae_precision]
     for module, dtype in ((parts.vae, vae_dtype), (parts.text_encoder, weight_dtype),
                           (parts.text_encoder_2, weight_dtype)):
-        module.to(device)
         if module.dtype != dtype:
             module.to(dtype=dtype)
     unet = expand_conv_in(parts.unet, 8)
@@ -81,6 +82,32 @@ def prepare_models(parts, cfg: TrainConfig, device, weight_dtype: torch.dtype) -
         if cfg.allow_tf32:
             torch.backends.cuda.matmul.allow_tf32 = True
             torch.backends.cudnn.allow_tf32 = True
+
+
+def place_encoders(parts, device) -> None:
+    for module in (parts.vae, parts.text_encoder, parts.text_encoder_2):
+        module.to(device)
+
+
+def open_cache(accelerator, cfg: TrainConfig, hf_dataset, parts, pairs, dtype) -> CachedPairs:
+    """The cache entry for this data, encoders and crop policy: reused when complete, else built.
+
+    While training from the cache the encoders stay on the CPU; validation borrows the GPU.
+    """
+    key, key_parts = cache_key(hf_dataset, parts, cfg, dtype)
+    root = Path(cfg.latent_cache_dir or Path(cfg.output_dir) / "latent_cache")
+    cache = LatentCache(root, key, len(hf_dataset), orientations=2 if cfg.random_flip else 1)
+    if cache.is_complete():
+        accelerator.print(f"latent cache: reusing {cache.dir} ({cache.num_samples} samples); the encoders are not run")
+    else:
+        todo = len(cache.missing_shards())
+        accelerator.print(f"latent cache: encoding {todo} of {cache.num_shards} shards into {cache.dir} "
+                          f"({cache.orientations} orientation(s) per sample, {accelerator.num_processes} processes)")
+        place_encoders(parts, accelerator.device)
+        build_cache(accelerator, cache, pairs, parts, key_parts, cfg.resolution, dtype,
+                    cfg.train_batch_size, cfg.dataloader_num_workers)
+        place_encoders(parts, "cpu")
+    return CachedPairs(cache, pairs.transform)
 
 
 def make_optimizer(cfg: TrainConfig, params, lr: float, device):
@@ -148,7 +175,14 @@ def train(cfg: TrainConfig) -> Path:
     parts = load_parts(cfg)
     prepare_models(parts, cfg, device, weight_dtype)
     pairs = TrainPairs(hf_dataset, cfg, (parts.tokenizer, parts.tokenizer_2))
-    loader, sampler = make_dataloader(pairs, cfg.train_batch_size, cfg.dataloader_num_workers,
+    if cfg.cache_latents:
+        train_set = open_cache(accelerator, cfg, hf_dataset, parts, pairs, weight_dtype)
+        produce = functools.partial(cached_batch, dtype=weight_dtype)
+    else:
+        place_encoders(parts, device)
+        train_set = pairs
+        produce = OnTheFlyEncoder(parts.vae, parts.text_encoder, parts.text_encoder_2, cfg.resolution, weight_dtype)
+    loader, sampler = make_dataloader(train_set, cfg.train_batch_size, cfg.dataloader_num_workers,
                                       cfg.seed or 0, pin_memory=device.type == "cuda")
     if main:
         output_dir.mkdir(parents=True, exist_ok=True)
@@ -162,6 +196,8 @@ def train(cfg: TrainConfig) -> Path:
     if cfg.use_ema:
         ema = EMAModel(unet.parameters(), decay=cfg.ema_decay, model_cls=type(unet), model_config=unet.config)
         ema.to(device)
+    if cfg.torch_compile:
+        unet = torch.compile(unet)
     unet, optimizer, loader = accelerator.prepare(unet, optimizer, loader)
     spe = steps_per_epoch(len(loader), cfg.gradient_accumulation_steps)
     max_steps = cfg.max_train_steps or cfg.num_train_epochs * spe
@@ -195,7 +231,6 @@ def train(cfg: TrainConfig) -> Path:
         f"{cfg.gradient_accumulation_steps} accumulation = {total_batch_size} per optimizer step | lr {lr:g} | "
         f"{spe} optimizer steps per epoch, {max_steps} in all ({num_epochs} epochs)")
 
-    encoder = OnTheFlyEncoder(parts.vae, parts.text_encoder, parts.text_encoder_2, cfg.resolution, weight_dtype)
     validator = Validator(cfg, parts, validation_pairs, weight_dtype) if validation_pairs else None
     dropout_p = cfg.conditioning_dropout_prob or 0.0
     scaling = parts.vae.config.scaling_factor
@@ -208,14 +243,14 @@ def train(cfg: TrainConfig) -> Path:
         if state.global_step >= max_steps:
             break
         sampler.set_epoch(epoch)
-        pairs.set_epoch(epoch)
+        train_set.set_epoch(epoch)
         epoch_loader = loader
         skip = (state.global_step - epoch * spe) * cfg.gradient_accumulation_steps
         if skip > 0:
             epoch_loader = accelerator.skip_first_batches(loader, skip)
         for batch in epoch_loader:
             with accelerator.accumulate(unet):
-                encoded = encoder(batch, device)
+                encoded = produce(batch, device)
                 loss = forward_loss(unet, encoded, parts.noise_scheduler, scaling, dropout_p)
                 accelerator.backward(loss)
                 if accelerator.sync_gradients:

@@ -89,6 +89,10 @@ class Validator:
         rows = []
         was_training = unet.training
         unet.eval()
+        encoders = (self.parts.vae, self.parts.text_encoder, self.parts.text_encoder_2)
+        home = self.parts.vae.device  # the CPU when training from the latent cache
+        for module in encoders:
+            module.to(device)
         with autocast:
             for photo, prompt in self.pairs:
                 photo = square_crop(photo, cfg.resolution)
@@ -100,6 +104,8 @@ class Validator:
                 ).images[0] for _ in range(cfg.num_validation_images)]
                 rows.append([photo] + outs)
         unet.train(was_training)
+        for module in encoders:
+            module.to(home)
         labels = [p if len(p) <= 40 else p[:37] + "..." for _, p in self.pairs]
         cols = ["input"] + [str(i + 1) for i in range(cfg.num_validation_images)]
         return make_grid(rows, row_labels=labels, col_labels=cols, title=f"step {step}")

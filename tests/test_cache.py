@@ -1,0 +1,124 @@
+"""The latent cache returns exactly what the encoders would, is reused, keyed and resumable."""
+
+import json
+from types import SimpleNamespace
+
+import pytest
+import torch
+from safetensors import safe_open
+
+import ip2p.cache as cache_mod
+from ip2p.cache import CachedPairs, LatentCache, build_cache, cache_key
+from ip2p.config import parse_config
+from ip2p.dataset import TrainPairs, load_hf_dataset
+from ip2p.encode import OnTheFlyEncoder
+from ip2p.models import load_parts
+from test_train_e2e import metrics, run_train, tiny_args
+
+SINGLE_PROCESS = SimpleNamespace(is_main_process=True, num_processes=1, process_index=0,
+                                 device=torch.device("cpu"), wait_for_everyone=lambda: None)
+
+
+@pytest.fixture(scope="module")
+def setup(tiny_sdxl, tiny_pairs):
+    cfg = parse_config(["--pretrained_model_name_or_path", str(tiny_sdxl), "--data_dir", str(tiny_pairs),
+                        "--resolution", "32", "--random_flip", "--seed", "3"])
+    parts = load_parts(cfg)
+    ds = load_hf_dataset(cfg)
+    pairs = TrainPairs(ds, cfg, (parts.tokenizer, parts.tokenizer_2))
+    return cfg, parts, ds, pairs
+
+
+def build(tmp_path, setup, dtype=torch.float32):
+    cfg, parts, ds, pairs = setup
+    key, key_parts = cache_key(ds, parts, cfg, dtype)
+    cache = LatentCache(tmp_path, key, len(ds), orientations=2)
+    build_cache(SINGLE_PROCESS, cache, pairs, parts, key_parts, cfg.resolution, dtype, batch_size=3, num_workers=0)
+    return cache
+
+
+def test_cached_rows_are_what_the_encoders_give_in_both_orientations(tmp_path, setup, monkeypatch):
+    monkeypatch.setattr(cache_mod, "SHARD_SIZE", 4)  # 10 samples over 3 shards
+    cfg, parts, ds, pairs = setup
+    cache = build(tmp_path, setup)
+    assert cache.is_complete() and cache.num_shards == 3
+    encoder = OnTheFlyEncoder(parts.vae, parts.text_encoder, parts.text_encoder_2, cfg.resolution, torch.float32)
+    reader = CachedPairs(cache, pairs.transform)
+    seen_flips = set()
+    for epoch in (0, 1):
+        reader.set_epoch(epoch)
+        pairs.set_epoch(epoch)
+        for i in range(len(ds)):
+            want = encoder({k: v[None] for k, v in pairs[i].items()}, "cpu")
+            got = reader[i]
+            for name in ("original_latents", "edited_latent_mean", "edited_latent_std", "prompt_embeds",
+                         "pooled_prompt_embeds", "time_ids"):
+                torch.testing.assert_close(got[name], getattr(want, name)[0], atol=1e-5, rtol=1e-4)
+            seen_flips.add(bool(pairs.transform.random_flip and got["time_ids"][3] != reader[i]["time_ids"][3]))
+    # a flipped view is the encoding of the flipped image, not a flipped latent
+    original, edited, _ = pairs.read(0)
+    plain, flipped = pairs.view(original, edited, 0, False), pairs.view(original, edited, 0, True)
+    assert torch.equal(flipped["original_pixel_values"], plain["original_pixel_values"].flip(-1))
+    with safe_open(str(cache.shard_path(0)), "pt") as f:
+        assert not torch.allclose(f.get_tensor("original_latents/1"), f.get_tensor("original_latents/0").flip(-1))
+
+
+def test_cache_is_stored_in_the_training_precision(tmp_path, setup):
+    cache = build(tmp_path, setup, dtype=torch.bfloat16)
+    with safe_open(str(cache.shard_path(0)), "pt") as f:
+        dtypes = {k: str(f.get_slice(k).get_dtype()) for k in f.keys()}
+    assert dtypes.pop("time_ids/0") == dtypes.pop("time_ids/1") == "F32"  # exact integers
+    assert set(dtypes.values()) == {"BF16"}
+
+
+def test_an_interrupted_build_encodes_only_what_is_missing(tmp_path, setup, monkeypatch):
+    monkeypatch.setattr(cache_mod, "SHARD_SIZE", 4)
+    cache = build(tmp_path, setup)
+    before = {i: cache.shard_path(i).read_bytes() for i in range(3)}
+    mtimes = {i: cache.shard_path(i).stat().st_mtime_ns for i in (0, 2)}
+    cache.shard_path(1).unlink()
+    (cache.dir / "index.json").unlink()  # as if killed before the end
+    assert not cache.is_complete()
+    build(tmp_path, setup)
+    assert cache.is_complete()
+    assert {i: cache.shard_path(i).stat().st_mtime_ns for i in (0, 2)} == mtimes
+    assert {i: cache.shard_path(i).read_bytes() for i in range(3)} == before
+
+
+def test_the_key_changes_with_what_changes_the_content(setup):
+    cfg, parts, ds, _ = setup
+    key = cache_key(ds, parts, cfg, torch.float32)[0]
+    variants = [
+        (parse_config(["--resolution", "64", "--random_flip", "--seed", "3"]), torch.float32),
+        (parse_config(["--resolution", "32", "--seed", "3"]), torch.float32),
+        (parse_config(["--resolution", "32", "--random_flip", "--center_crop", "--seed", "3"]), torch.float32),
+        (parse_config(["--resolution", "32", "--random_flip", "--seed", "4"]), torch.float32),
+        (cfg, torch.bfloat16),
+    ]
+    keys = {cache_key(ds, parts, c, d)[0] for c, d in variants}
+    assert key not in keys and len(keys) == len(variants)
+    assert cache_key(ds.select(range(5)), parts, cfg, torch.float32)[0] != key  # other data
+    assert cache_key(ds, parts, cfg, torch.float32)[0] == key  # and it is stable
+
+
+def test_training_from_the_cache_logs_the_losses_of_encoding_on_the_fly(tiny_sdxl, tiny_pairs, tmp_path):
+    runs = {}
+    for mode in ("--cache_latents", "--no_cache_latents"):
+        out = tmp_path / mode.strip("-")
+        proc = run_train(*tiny_args(tiny_sdxl, tiny_pairs, out, "--max_train_steps", 4, "--report_to", "none", mode))
+        runs[mode] = [m["loss"] for m in metrics(out)]
+        assert ("latent cache: encoding" in proc.stdout) == (mode == "--cache_latents")
+    assert runs["--cache_latents"] == pytest.approx(runs["--no_cache_latents"], rel=1e-5)
+
+    # a second run with the same key reuses the entry without running the encoders
+    out = tmp_path / "cache_latents"
+    proc = run_train(*tiny_args(tiny_sdxl, tiny_pairs, out, "--max_train_steps", 4, "--report_to", "none",
+                                "--output_dir", tmp_path / "again", "--latent_cache_dir", out / "latent_cache"))
+    assert "latent cache: reusing" in proc.stdout and "latent cache: encoding" not in proc.stdout
+    # any change builds a new entry beside it
+    run_train(*tiny_args(tiny_sdxl, tiny_pairs, out, "--max_train_steps", 1, "--report_to", "none",
+                         "--output_dir", tmp_path / "other", "--latent_cache_dir", out / "latent_cache",
+                         "--resolution", "32"))
+    entries = [p for p in (out / "latent_cache").iterdir() if (p / "index.json").exists()]
+    assert len(entries) == 2
+    assert {json.loads((p / "key.json").read_text())["resolution"] for p in entries} == {32, 64}

@@ -200,12 +200,14 @@ class EpochSampler(torch.utils.data.Sampler):
         return iter(torch.randperm(self.n, generator=g).tolist())
 
 
-def make_dataloader(pairs: TrainPairs, batch_size: int, num_workers: int, seed: int, pin_memory: bool):
+def make_dataloader(pairs, batch_size: int, num_workers: int, seed: int, pin_memory: bool,
+                    persistent_workers: bool = False):
     sampler = EpochSampler(len(pairs), seed)
     loader = torch.utils.data.DataLoader(
         pairs, batch_size=batch_size, sampler=sampler, collate_fn=collate,
         num_workers=num_workers, pin_memory=pin_memory, drop_last=False,
-        persistent_workers=False,  # workers are re-made each epoch and see the dataset's epoch
+        # training re-makes workers each epoch so they see the dataset's epoch (flips)
+        persistent_workers=persistent_workers and num_workers > 0,
         generator=torch.Generator().manual_seed(seed),  # keeps the global (noise) generator untouched
     )
     return loader, sampler

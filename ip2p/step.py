@@ -48,3 +48,19 @@ def forward_loss(
         return_dict=False,
     )[0]
     return compute_loss(pred, diffusion_target(noise_scheduler, latents, noise, timesteps))
+
+
+def train_micro_step(accelerator, unet, optimizer, batch: EncodedBatch, noise_scheduler, scaling_factor: float,
+                     conditioning_dropout_prob: float, max_grad_norm: float) -> torch.Tensor:
+    """One micro-batch, called inside `accelerator.accumulate(unet)`: loss, backward, and on the
+    micro-batch that completes an accumulation, clipping and the optimizer step.
+
+    Returns the detached loss without reading it (no host synchronisation).
+    """
+    loss = forward_loss(unet, batch, noise_scheduler, scaling_factor, conditioning_dropout_prob)
+    accelerator.backward(loss)
+    if accelerator.sync_gradients:
+        accelerator.clip_grad_norm_(unet.parameters(), max_grad_norm)
+    optimizer.step()  # accelerate's wrapper only steps on the micro-batch that syncs
+    optimizer.zero_grad(set_to_none=True)
+    return loss.detach()

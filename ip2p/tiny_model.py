@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import argparse
 import sys
-import tempfile
 from pathlib import Path
 
 import torch
@@ -44,14 +43,13 @@ def _bytes_to_unicode() -> dict[int, str]:
     return dict(zip(bs, map(chr, cs)))
 
 
-def write_tokenizer(folder: Path, pad_token: str) -> None:
+def make_tokenizer(pad_token: str):
     """A character-level CLIP tokenizer: every byte alone and as a word end, plus the specials."""
     from transformers import CLIPTokenizer
 
     chars = list(_bytes_to_unicode().values())
     vocab = {tok: i for i, tok in enumerate(chars + [c + "</w>" for c in chars] + list(SPECIAL_TOKENS))}
-    tok = CLIPTokenizer(vocab=vocab, merges=[], pad_token=pad_token, model_max_length=MAX_TEXT_LENGTH)
-    tok.save_pretrained(folder)
+    return CLIPTokenizer(vocab=vocab, merges=[], pad_token=pad_token, model_max_length=MAX_TEXT_LENGTH)
 
 
 def _text_encoders(vocab_size: int, bos: int, eos: int, pad: int):
@@ -68,7 +66,7 @@ def _text_encoders(vocab_size: int, bos: int, eos: int, pad: int):
     return CLIPTextModel(config()), CLIPTextModelWithProjection(config())
 
 
-def _unet():
+def tiny_unet():
     from diffusers import UNet2DConditionModel
 
     return UNet2DConditionModel(
@@ -119,24 +117,19 @@ def _scheduler():
 def build_tiny_sdxl(output_dir: str | Path, seed: int = 0, instruct_pix2pix: bool = False) -> Path:
     """Build and save the tiny pipeline; returns the folder."""
     from diffusers import StableDiffusionXLInstructPix2PixPipeline, StableDiffusionXLPipeline
-    from transformers import CLIPTokenizer
-
     from ip2p.method import expand_conv_in
 
     output_dir = Path(output_dir)
     torch.manual_seed(seed)
-    with tempfile.TemporaryDirectory() as tmp:
-        write_tokenizer(Path(tmp) / "tokenizer", pad_token="<|endoftext|>")
-        write_tokenizer(Path(tmp) / "tokenizer_2", pad_token="!")  # as SDXL's OpenCLIP tokenizer
-        tokenizer = CLIPTokenizer.from_pretrained(Path(tmp) / "tokenizer")
-        tokenizer_2 = CLIPTokenizer.from_pretrained(Path(tmp) / "tokenizer_2")
+    tokenizer = make_tokenizer(pad_token="<|endoftext|>")
+    tokenizer_2 = make_tokenizer(pad_token="!")  # as SDXL's OpenCLIP tokenizer
     bos, eos = tokenizer.convert_tokens_to_ids(list(SPECIAL_TOKENS))
     text_encoder, text_encoder_2 = _text_encoders(len(tokenizer), bos, eos, tokenizer.pad_token_id)
     vae = _vae()
     with torch.no_grad():
         std = vae.encode(calibration_images()).latent_dist.mean.std().item()
     vae.register_to_config(scaling_factor=round(1.0 / std, 5))
-    unet = _unet()
+    unet = tiny_unet()
     parts = dict(vae=vae, text_encoder=text_encoder, text_encoder_2=text_encoder_2,
                  tokenizer=tokenizer, tokenizer_2=tokenizer_2, unet=unet, scheduler=_scheduler())
     if instruct_pix2pix:

@@ -30,7 +30,7 @@ from ip2p.errors import UserError
 from ip2p.method import expand_conv_in
 from ip2p.models import load_parts, vae_scale_factor
 from ip2p.model_card import write_model_card
-from ip2p.step import forward_loss
+from ip2p.step import train_micro_step
 from ip2p.validation import Validator, load_validation_pairs, log_grid
 
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16, "no": torch.float32}
@@ -250,14 +250,9 @@ def train(cfg: TrainConfig) -> Path:
             epoch_loader = accelerator.skip_first_batches(loader, skip)
         for batch in epoch_loader:
             with accelerator.accumulate(unet):
-                encoded = produce(batch, device)
-                loss = forward_loss(unet, encoded, parts.noise_scheduler, scaling, dropout_p)
-                accelerator.backward(loss)
-                if accelerator.sync_gradients:
-                    accelerator.clip_grad_norm_(unet.parameters(), cfg.max_grad_norm)
-                optimizer.step()
-                optimizer.zero_grad(set_to_none=True)
-            loss_sum += loss.detach()
+                loss = train_micro_step(accelerator, unet, optimizer, produce(batch, device), parts.noise_scheduler,
+                                        scaling, dropout_p, cfg.max_grad_norm)
+            loss_sum += loss
             micro_steps += 1
             if not accelerator.sync_gradients:
                 continue

@@ -110,6 +110,8 @@ class TrainConfig:
     logging_dir: str = _f("logs", "tracker folder, relative to --output_dir")
     report_to: str = _f("tensorboard", "tensorboard, wandb, all or none")
     tracker_project_name: str = _f("instruct-pix2pix-xl", "(kit) tracker project / run group name")
+    logging_steps: int = _f(1, "(kit) log loss, lr and samples/s every N optimizer steps; reading the loss "
+                               "waits for the GPU, so large runs may log less often")
     checkpointing_steps: int = _f(500, "save a resumable checkpoint every N optimizer steps")
     checkpoints_total_limit: Optional[int] = _f(None, "keep at most this many checkpoints")
     resume_from_checkpoint: Optional[str] = _f(None, "a checkpoint folder or 'latest'")
@@ -197,7 +199,7 @@ def validate(cfg: TrainConfig) -> None:
     if p is not None and not 0 <= p <= 1 / 3:
         raise UserError(f"--conditioning_dropout_prob {p} must be between 0 and 1/3 (3p of the samples lose something)")
     for name in ("train_batch_size", "gradient_accumulation_steps", "num_train_epochs", "checkpointing_steps",
-                 "validation_steps"):
+                 "validation_steps", "logging_steps"):
         if getattr(cfg, name) < 1:
             raise UserError(f"--{name} must be at least 1")
     if cfg.max_train_steps is not None and cfg.max_train_steps < 1:

@@ -263,24 +263,21 @@ def train(cfg: TrainConfig) -> Path:
                 ema.step(unet.parameters())
             state.global_step += 1
             step = state.global_step
-            mean_loss = accelerator.reduce(loss_sum / micro_steps, reduction="mean").item()
-            elapsed = time.perf_counter() - t0
-            row = {"step": step, "epoch": epoch, "loss": mean_loss, "lr": lr_scheduler.get_last_lr()[0],
-                   "samples_per_s": micro_steps * cfg.train_batch_size * accelerator.num_processes / elapsed,
-                   "peak_memory_gib": peak_memory_gib(device)}
-            metrics.write(row)
-            accelerator.log({k: v for k, v in row.items() if k != "step"}, step=step)
             bar.update(1)
-            bar.set_postfix(loss=f"{mean_loss:.4f}", lr=f"{row['lr']:.2e}",
-                            samples_s=f"{row['samples_per_s']:.2f}", peak_gib=f"{row['peak_memory_gib']:.1f}")
-            loss_sum.zero_()
-            micro_steps, t0 = 0, time.perf_counter()
+            if step % cfg.logging_steps == 0 or step >= max_steps:
+                row = log_step(accelerator, cfg, metrics, lr_scheduler, epoch, step, loss_sum / micro_steps,
+                               micro_steps, time.perf_counter() - t0)
+                bar.set_postfix(loss=f"{row['loss']:.4f}", lr=f"{row['lr']:.2e}",
+                                samples_s=f"{row['samples_per_s']:.2f}", peak_gib=f"{row['peak_memory_gib']:.1f}")
+                loss_sum.zero_()
+                micro_steps, t0 = 0, time.perf_counter()
 
             if step % cfg.checkpointing_steps == 0:
                 ckpt.save_checkpoint(accelerator, output_dir, state, cfg.checkpoints_total_limit)
             if validator is not None and main and step % cfg.validation_steps == 0:
                 last_grid = validate(accelerator, validator, unet, ema, step, output_dir)
-            t0 = time.perf_counter()  # the rate excludes checkpoint and validation time
+            if micro_steps == 0:
+                t0 = time.perf_counter()  # the rate excludes checkpoint and validation time
             if step >= max_steps:
                 break
     bar.close()
@@ -296,6 +293,18 @@ def train(cfg: TrainConfig) -> Path:
         accelerator.print(f"saved the InstructPix2Pix pipeline to {output_dir}")
     accelerator.end_training()
     return output_dir
+
+
+def log_step(accelerator, cfg, metrics, lr_scheduler, epoch: int, step: int, loss: torch.Tensor,
+             micro_steps: int, elapsed: float) -> dict:
+    """Read the loss (the only host synchronisation), mean over processes; write metrics.jsonl."""
+    row = {"step": step, "epoch": epoch, "loss": accelerator.reduce(loss, reduction="mean").item(),
+           "lr": lr_scheduler.get_last_lr()[0],
+           "samples_per_s": micro_steps * cfg.train_batch_size * accelerator.num_processes / elapsed,
+           "peak_memory_gib": peak_memory_gib(accelerator.device)}
+    metrics.write(row)
+    accelerator.log({k: v for k, v in row.items() if k != "step"}, step=step)
+    return row
 
 
 def validate(accelerator, validator, unet, ema, step: int, output_dir: Path) -> str:

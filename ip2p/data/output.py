@@ -1,0 +1,123 @@
+"""The output folder: built in a temp folder beside it, published by one rename, or not at all.
+
+    DST/
+      data-00000-of-000NN.arrow ...   the rows (Arrow IPC streams, what save_to_disk writes)
+      dataset_info.json, state.json   what datasets.load_from_disk reads
+      rejected.jsonl                  one line per rejected source record
+      conversion_report.json          counts, reasons, time, pairs/s
+
+The shard files are written by the workers directly into the temp folder; the two metadata files
+come from datasets itself (saving an empty dataset with the same features), with the list of data
+files filled in, so no row is ever copied a second time.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import shutil
+from collections.abc import Iterator
+from pathlib import Path
+
+from ip2p.errors import UserError
+
+
+def temp_path(dst: Path, kind: str = "tmp") -> Path:
+    return dst.parent / f".{dst.name}.{kind}-{os.getpid()}"
+
+
+def check_destination(dst: Path, src: Path, overwrite: bool) -> None:
+    if dst.exists() and not overwrite:
+        raise UserError(
+            f"--output_dir {dst} already exists; pass --overwrite to replace it (done only "
+            "once the new dataset is complete) or choose another folder"
+        )
+    src = src.absolute()
+    if dst == src or dst in src.parents:
+        raise UserError(
+            f"--output_dir {dst} is or holds the --data_dir {src}; choose another folder"
+        )
+
+
+@contextlib.contextmanager
+def staged_output(dst: Path, overwrite: bool) -> Iterator[Path]:
+    """A fresh temp folder beside `dst`, renamed to `dst` if the block succeeds, removed if not."""
+    dst.parent.mkdir(parents=True, exist_ok=True)
+    staging = temp_path(dst)
+    shutil.rmtree(staging, ignore_errors=True)
+    staging.mkdir()
+    try:
+        yield staging
+        publish(staging, dst, overwrite)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+
+
+def publish(staging: Path, dst: Path, overwrite: bool) -> None:
+    """Rename `staging` to `dst`; an existing `dst` (--overwrite) is removed only afterwards."""
+    old = None
+    if dst.exists() or dst.is_symlink():
+        if not overwrite:
+            raise UserError(f"--output_dir {dst} appeared while converting; nothing was replaced")
+        old = temp_path(dst, "old")
+        dst.rename(old)
+    try:
+        staging.rename(dst)
+    except BaseException:
+        if old is not None:
+            old.rename(dst)
+        raise
+    if old is not None:
+        shutil.rmtree(old) if old.is_dir() and not old.is_symlink() else old.unlink()
+
+
+def name_data_files(staging: Path, results: list) -> list[str]:
+    """Move the non-empty shard files to data-IIIII-of-NNNNN.arrow, in shard order."""
+    filled = [r for r in sorted(results, key=lambda r: r.index) if r.rows > 0]
+    names = []
+    for i, result in enumerate(filled):
+        names.append(f"data-{i:05d}-of-{len(filled):05d}.arrow")
+        os.replace(result.data_path, staging / names[-1])
+    return names
+
+
+def write_dataset_metadata(
+    staging: Path, scratch: Path, data_files: list[str], features, source: str
+):
+    """dataset_info.json and state.json as datasets writes them, listing our data files."""
+    from ip2p.data.hf_source import quiet_datasets
+
+    with quiet_datasets() as datasets:
+        info = datasets.DatasetInfo(
+            description=f"InstructPix2Pix edit pairs converted from {source}", features=features
+        )
+        empty = datasets.Dataset.from_dict(
+            {name: [] for name in features}, features=features, info=info
+        )
+        empty.save_to_disk(str(scratch / "template"))
+    shutil.copyfile(scratch / "template" / "dataset_info.json", staging / "dataset_info.json")
+    state = json.loads((scratch / "template" / "state.json").read_text())
+    state["_data_files"] = [{"filename": name} for name in data_files]
+    (staging / "state.json").write_text(json.dumps(state, indent=2, sort_keys=True))
+
+
+def merge_rejected(results: list, out: Path) -> int:
+    """Concatenate the shards' rejected parts in shard order; the number of lines written."""
+    lines = 0
+    with open(out, "w", encoding="utf-8") as merged:
+        for result in sorted(results, key=lambda r: r.index):
+            with open(result.rejected_path, encoding="utf-8") as part:
+                for line in part:
+                    merged.write(line)
+                    lines += 1
+    return lines
+
+
+def rows_on_disk(staging: Path) -> int:
+    """Rows as datasets.load_from_disk sees them (memory-mapped, cheap): the real check."""
+    from ip2p.data.hf_source import quiet_datasets
+
+    with quiet_datasets() as datasets:
+        return datasets.load_from_disk(str(staging)).num_rows

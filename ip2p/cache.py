@@ -30,7 +30,7 @@ from ip2p.dataset import TrainPairs, flip_decision
 from ip2p.encode import encode_images, encode_text
 from ip2p.method import EncodedBatch, compute_time_ids
 
-SHARD_SIZE = 256  # samples per shard file
+SHARD_SIZE = 256  # samples per shard file, unless --latent_cache_shard_size says otherwise
 PER_VIEW = ("original_latents", "edited_latent_mean", "edited_latent_std", "time_ids")
 PER_SAMPLE = ("prompt_embeds", "pooled_prompt_embeds")
 FORMAT_VERSION = 1
@@ -63,22 +63,24 @@ def cache_key(hf_dataset, parts, cfg, dtype: torch.dtype) -> tuple[str, dict]:
         "crop_seed": None if cfg.center_crop else (cfg.seed or 0),
         "random_flip": cfg.random_flip,
         "dtype": str(dtype),
+        "shard_size": cfg.latent_cache_shard_size or SHARD_SIZE,
     }
     blob = json.dumps(parts_of_key, sort_keys=True).encode()
     return hashlib.sha256(blob).hexdigest()[:20], parts_of_key
 
 
 class LatentCache:
-    def __init__(self, root: str | Path, key: str, num_samples: int, orientations: int):
+    def __init__(self, root: str | Path, key: str, num_samples: int, orientations: int, shard_size: int = 0):
         self.dir = Path(root) / key
         self.num_samples, self.orientations = num_samples, orientations
-        self.num_shards = -(-num_samples // SHARD_SIZE)
+        self.shard_size = shard_size or SHARD_SIZE
+        self.num_shards = -(-num_samples // self.shard_size)
 
     def shard_path(self, i: int) -> Path:
         return self.dir / f"shard-{i:05d}.safetensors"
 
     def shard_indices(self, i: int) -> range:
-        return range(i * SHARD_SIZE, min((i + 1) * SHARD_SIZE, self.num_samples))
+        return range(i * self.shard_size, min((i + 1) * self.shard_size, self.num_samples))
 
     def is_complete(self) -> bool:
         return (self.dir / "index.json").is_file()
@@ -153,7 +155,7 @@ def build_cache(accelerator, cache: LatentCache, pairs: TrainPairs, parts, key_p
         missing = cache.missing_shards()
         if missing:
             raise RuntimeError(f"latent cache {cache.dir}: shards {missing[:5]} missing after the build")
-        index = {"num_samples": cache.num_samples, "shard_size": SHARD_SIZE, "orientations": cache.orientations}
+        index = {"num_samples": cache.num_samples, "shard_size": cache.shard_size, "orientations": cache.orientations}
         (cache.dir / "index.json").write_text(json.dumps(index))
     accelerator.wait_for_everyone()
 
@@ -181,7 +183,7 @@ class CachedPairs(torch.utils.data.Dataset):
         return self._files[shard]
 
     def __getitem__(self, index: int) -> dict:
-        shard, row = divmod(int(index), SHARD_SIZE)
+        shard, row = divmod(int(index), self.cache.shard_size)
         f = self._file(shard)
         v = int(flip_decision(self.transform, self.epoch, index))
         sample = {name: f.get_slice(name)[row] for name in PER_SAMPLE}

@@ -27,6 +27,9 @@ class TrainState:
     global_step: int = 0  # optimizer steps taken
     num_processes: int = 1
     total_batch_size: int = 0  # samples per optimizer step, all processes together
+    epoch: int = 0
+    batches_in_epoch: int = 0  # micro-batches each process has consumed in this epoch
+    micro_batch: int = 0  # samples per micro-batch, all processes together
 
     def state_dict(self) -> dict:
         return asdict(self)
@@ -34,6 +37,22 @@ class TrainState:
     def load_state_dict(self, state: dict) -> None:
         for k, v in state.items():
             setattr(self, k, v)
+
+
+def resume_position(state: TrainState, micro_batch: int, batches_per_epoch: int) -> tuple[int, int]:
+    """(epoch, micro-batches to skip) to continue where the checkpoint stopped.
+
+    With the same processes and batch size this is exact. With another number of processes (or
+    per-device batch) the position is converted through the samples consumed in the epoch and
+    rounded down, so at most one micro-batch of samples is seen twice; the LR schedule continues
+    at the same optimizer step either way.
+    """
+    skip = state.batches_in_epoch
+    if state.micro_batch and state.micro_batch != micro_batch:
+        skip = state.batches_in_epoch * state.micro_batch // micro_batch
+    if skip >= batches_per_epoch:
+        return state.epoch + 1, 0
+    return state.epoch, skip
 
 
 def list_checkpoints(output_dir: str | Path) -> list[Path]:

@@ -62,6 +62,8 @@ class TrainConfig:
     dataloader_num_workers: int = _f(0, "DataLoader worker processes (any number works: no GPU work in workers)")
     cache_latents: bool = _f(True, "(kit) encode every sample once into the latent cache and train from it; "
                                    "--no_cache_latents encodes on the fly every step")
+    latent_cache_shard_size: int = _f(256, "(kit) samples per latent-cache shard file (the unit of work split "
+                                           "across processes and of resuming a build)")
     latent_cache_dir: Optional[str] = _f(
         None, "(kit) where the latent cache lives (default: OUTPUT_DIR/latent_cache); share it between runs")
 

@@ -96,7 +96,8 @@ def open_cache(accelerator, cfg: TrainConfig, hf_dataset, parts, pairs, dtype) -
     """
     key, key_parts = cache_key(hf_dataset, parts, cfg, dtype)
     root = Path(cfg.latent_cache_dir or Path(cfg.output_dir) / "latent_cache")
-    cache = LatentCache(root, key, len(hf_dataset), orientations=2 if cfg.random_flip else 1)
+    cache = LatentCache(root, key, len(hf_dataset), orientations=2 if cfg.random_flip else 1,
+                        shard_size=cfg.latent_cache_shard_size)
     if cache.is_complete():
         accelerator.print(f"latent cache: reusing {cache.dir} ({cache.num_samples} samples); the encoders are not run")
     else:
@@ -161,6 +162,10 @@ def train(cfg: TrainConfig) -> Path:
     accelerator = make_accelerator(cfg)
     main = accelerator.is_main_process
     device = accelerator.device
+    if accelerator.distributed_type.value == "FSDP":
+        raise UserError("the trainer runs under DDP or DeepSpeed ZeRO-2, not FSDP yet (its validation and final "
+                        "save need the whole UNet on one process); write a config with "
+                        "./setup_accelerate.sh --backend deepspeed (or ddp)")
     weight_dtype = DTYPES[accelerator.mixed_precision]
     if cfg.seed is not None:
         from accelerate.utils import set_seed
@@ -202,6 +207,7 @@ def train(cfg: TrainConfig) -> Path:
     spe = steps_per_epoch(len(loader), cfg.gradient_accumulation_steps)
     max_steps = cfg.max_train_steps or cfg.num_train_epochs * spe
     num_epochs = math.ceil(max_steps / spe)
+    micro_batch = cfg.train_batch_size * accelerator.num_processes
     # The schedule is stepped once per optimizer step by this loop (not by accelerate, which
     # would step it num_processes times: diffusers#8312), so its lengths are optimizer steps.
     lr_scheduler = get_scheduler(cfg.lr_scheduler, optimizer=optimizer, num_warmup_steps=cfg.lr_warmup_steps,
@@ -215,9 +221,11 @@ def train(cfg: TrainConfig) -> Path:
     if resume_path is not None:
         accelerator.load_state(str(resume_path))
         if state.num_processes != accelerator.num_processes:
-            accelerator.print(f"warning: {resume_path} was written by {state.num_processes} processes, this run has "
-                              f"{accelerator.num_processes}; the data order after resuming differs from an unbroken run")
-        state.num_processes, state.total_batch_size = accelerator.num_processes, total_batch_size
+            accelerator.print(
+                f"note: {resume_path} was written by {state.num_processes} processes, this run has "
+                f"{accelerator.num_processes}: the weights, optimizer and LR schedule continue exactly; the place in "
+                "the data is converted through the samples seen (at most one micro-batch repeats); the noise differs "
+                "from an unbroken run")
         metrics.truncate_after(state.global_step)  # rows a crashed run logged after its checkpoint
         accelerator.print(f"resumed from {resume_path} at optimizer step {state.global_step}")
     elif cfg.resume_from_checkpoint == "latest":
@@ -238,22 +246,21 @@ def train(cfg: TrainConfig) -> Path:
     last_grid = None
     loss_sum, micro_steps, t0 = torch.zeros((), device=device), 0, time.perf_counter()
 
-    first_epoch = state.global_step // spe
-    for epoch in range(first_epoch, num_epochs):
-        if state.global_step >= max_steps:
-            break
+    epoch, skip = ckpt.resume_position(state, micro_batch, len(loader))
+    state.num_processes, state.total_batch_size, state.micro_batch = (
+        accelerator.num_processes, total_batch_size, micro_batch)
+    while state.global_step < max_steps:
         sampler.set_epoch(epoch)
         train_set.set_epoch(epoch)
-        epoch_loader = loader
-        skip = (state.global_step - epoch * spe) * cfg.gradient_accumulation_steps
-        if skip > 0:
-            epoch_loader = accelerator.skip_first_batches(loader, skip)
+        epoch_loader = accelerator.skip_first_batches(loader, skip) if skip else loader
+        state.epoch, state.batches_in_epoch = epoch, skip
         for batch in epoch_loader:
             with accelerator.accumulate(unet):
                 loss = train_micro_step(accelerator, unet, optimizer, produce(batch, device), parts.noise_scheduler,
                                         scaling, dropout_p, cfg.max_grad_norm)
             loss_sum += loss
             micro_steps += 1
+            state.batches_in_epoch += 1
             if not accelerator.sync_gradients:
                 continue
 
@@ -273,6 +280,7 @@ def train(cfg: TrainConfig) -> Path:
                 micro_steps, t0 = 0, time.perf_counter()
 
             if step % cfg.checkpointing_steps == 0:
+                check_replicas(accelerator, unet)
                 ckpt.save_checkpoint(accelerator, output_dir, state, cfg.checkpoints_total_limit)
             if validator is not None and main and step % cfg.validation_steps == 0:
                 last_grid = validate(accelerator, validator, unet, ema, step, output_dir)
@@ -280,8 +288,10 @@ def train(cfg: TrainConfig) -> Path:
                 t0 = time.perf_counter()  # the rate excludes checkpoint and validation time
             if step >= max_steps:
                 break
+        epoch, skip = epoch + 1, 0
     bar.close()
 
+    check_replicas(accelerator, unet)
     accelerator.wait_for_everyone()
     if main:
         if validator is not None and (last_grid is None or not last_grid.endswith(f"step-{state.global_step}.png")):
@@ -293,6 +303,18 @@ def train(cfg: TrainConfig) -> Path:
         accelerator.print(f"saved the InstructPix2Pix pipeline to {output_dir}")
     accelerator.end_training()
     return output_dir
+
+
+def check_replicas(accelerator, unet) -> None:
+    """Every process must hold the same weights (gradients synchronised); a divergence stops the run."""
+    if accelerator.num_processes == 1:
+        return
+    fingerprint = torch.stack([p.detach().float().sum() for p in unet.parameters()])
+    everyone = accelerator.gather(fingerprint[None])
+    if not torch.equal(everyone, everyone[:1].expand_as(everyone)):
+        raise RuntimeError("the UNet weights differ between processes: gradients were not synchronised")
+    accelerator.print(f"weights identical on all {accelerator.num_processes} processes "
+                      f"(fingerprint {everyone[0].double().sum().item():.6e})")
 
 
 def log_step(accelerator, cfg, metrics, lr_scheduler, epoch: int, step: int, loss: torch.Tensor,

@@ -7,7 +7,6 @@ import pytest
 import torch
 from safetensors import safe_open
 
-import ip2p.cache as cache_mod
 from ip2p.cache import CachedPairs, LatentCache, build_cache, cache_key
 from ip2p.config import parse_config
 from ip2p.dataset import TrainPairs, load_hf_dataset
@@ -29,16 +28,15 @@ def setup(tiny_sdxl, tiny_pairs):
     return cfg, parts, ds, pairs
 
 
-def build(tmp_path, setup, dtype=torch.float32):
+def build(tmp_path, setup, dtype=torch.float32, shard_size=4):
     cfg, parts, ds, pairs = setup
     key, key_parts = cache_key(ds, parts, cfg, dtype)
-    cache = LatentCache(tmp_path, key, len(ds), orientations=2)
+    cache = LatentCache(tmp_path, key, len(ds), orientations=2, shard_size=shard_size)  # 10 samples, 3 shards
     build_cache(SINGLE_PROCESS, cache, pairs, parts, key_parts, cfg.resolution, dtype, batch_size=3, num_workers=0)
     return cache
 
 
-def test_cached_rows_are_what_the_encoders_give_in_both_orientations(tmp_path, setup, monkeypatch):
-    monkeypatch.setattr(cache_mod, "SHARD_SIZE", 4)  # 10 samples over 3 shards
+def test_cached_rows_are_what_the_encoders_give_in_both_orientations(tmp_path, setup):
     cfg, parts, ds, pairs = setup
     cache = build(tmp_path, setup)
     assert cache.is_complete() and cache.num_shards == 3
@@ -71,8 +69,7 @@ def test_cache_is_stored_in_the_training_precision(tmp_path, setup):
     assert set(dtypes.values()) == {"BF16"}
 
 
-def test_an_interrupted_build_encodes_only_what_is_missing(tmp_path, setup, monkeypatch):
-    monkeypatch.setattr(cache_mod, "SHARD_SIZE", 4)
+def test_an_interrupted_build_encodes_only_what_is_missing(tmp_path, setup):
     cache = build(tmp_path, setup)
     before = {i: cache.shard_path(i).read_bytes() for i in range(3)}
     mtimes = {i: cache.shard_path(i).stat().st_mtime_ns for i in (0, 2)}

@@ -29,6 +29,11 @@ def test_setup_accelerate_writes_a_config_accelerate_loads(tmp_path, gpus, kind,
     (["--num_gpus", "two"], "--num_gpus must be a whole number"),
     (["--mixed_precision", "fp8"], "--mixed_precision must be no, fp16 or bf16"),
     (["--nodes", "2"], "unknown flag --nodes"),
+    (["--num_machines", "2", "--num_gpus", "8"], "needs --main_process_ip"),
+    (["--num_machines", "2", "--machine_rank", "2", "--main_process_ip", "h", "--num_gpus", "8"], "must be below"),
+    (["--offload_optimizer", "--num_gpus", "8"], "--offload_optimizer needs --backend deepspeed"),
+    (["--backend", "deepspeed", "--num_gpus", "0"], "needs GPUs"),
+    (["--backend", "megatron", "--num_gpus", "8"], "--backend must be ddp, deepspeed or fsdp"),
 ])
 def test_setup_accelerate_refuses_bad_flags(tmp_path, args, message):
     proc = sh(ROOT / "setup_accelerate.sh", *args, "--output", tmp_path / "x.yaml")
@@ -40,3 +45,35 @@ def test_train_sh_without_a_gpu_points_to_the_cpu_recipe():
     proc = sh(ROOT / "train.sh", "--data_dir", "./data_hf")
     assert proc.returncode == 2
     assert proc.stderr.count("\n") == 1 and "configs/tiny_cpu.yaml" in proc.stderr
+
+
+@pytest.mark.parametrize("flags, kind", [
+    (["--backend", "ddp"], "ddp"),
+    (["--backend", "deepspeed"], "deepspeed"),
+    (["--backend", "deepspeed", "--offload_optimizer"], "deepspeed_offload"),
+    (["--backend", "fsdp"], "fsdp"),
+    (["--num_machines", "2", "--machine_rank", "1", "--main_process_ip", "10.0.0.1"], "multinode"),
+])
+def test_accelerate_launch_accepts_every_config(tmp_path, flags, kind):
+    """`accelerate launch --config_file` parses and validates each config (without starting processes)."""
+    import json
+
+    from accelerate.commands.launch import _validate_launch_command, launch_command_parser
+
+    out = tmp_path / "acc.yaml"
+    proc = sh(ROOT / "setup_accelerate.sh", "--num_gpus", 8, *flags, "--output", out)
+    assert proc.returncode == 0, proc.stderr
+    args, _, _ = _validate_launch_command(launch_command_parser().parse_args(["--config_file", str(out), "x.py"]))
+    assert args.mixed_precision == "bf16"
+    if kind == "ddp":
+        assert args.multi_gpu and args.num_processes == 8
+    if kind.startswith("deepspeed"):
+        assert args.use_deepspeed and args.num_processes == 8
+        ds = json.loads(Path(args.deepspeed_config_file).read_text())
+        assert ds["zero_optimization"]["stage"] == 2
+        assert ds["zero_optimization"]["offload_optimizer"]["device"] == ("cpu" if "offload" in kind else "none")
+        assert ds["train_micro_batch_size_per_gpu"] == ds["gradient_accumulation_steps"] == "auto"
+    if kind == "fsdp":
+        assert args.use_fsdp and args.num_processes == 8
+    if kind == "multinode":
+        assert (args.num_machines, args.machine_rank, args.main_process_ip, args.num_processes) == (2, 1, "10.0.0.1", 16)

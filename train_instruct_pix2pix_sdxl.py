@@ -13,6 +13,10 @@ Usually launched through ./train.sh (accelerate). Directly, on one process:
 Every flag of diffusers' examples/instruct_pix2pix/train_instruct_pix2pix_sdxl.py is accepted with
 the same meaning; `--help` lists them, the kit's additions marked "(kit)". Resume a run by running
 the same command with `--resume_from_checkpoint latest`.
+
+Exit codes: 0 done; 2 a problem with the input (one line says which); 75 stopped by SIGTERM/SIGINT
+after saving a checkpoint of the step in progress (run again with --resume_from_checkpoint latest);
+1 a bug (with its traceback).
 """
 
 import sys
@@ -27,8 +31,7 @@ def main(argv=None) -> int:
     validate(cfg)
     from ip2p.train import train
 
-    train(cfg)
-    return 0
+    return train(cfg)
 
 
 if __name__ == "__main__":

@@ -41,7 +41,7 @@ from ip2p.method import expand_conv_in  # noqa: E402
 from ip2p.sdxl_arch import sdxl_unet  # noqa: E402
 from ip2p.step import forward_loss, train_micro_step  # noqa: E402
 from ip2p.tiny_model import tiny_unet  # noqa: E402
-from ip2p.train import DTYPES, make_optimizer, peak_memory_gib, place_encoders  # noqa: E402
+from ip2p.train_setup import DTYPES, make_optimizer, peak_memory_gib, place_encoders  # noqa: E402
 
 # name -> (source, optimizer, gradient checkpointing, torch.compile)
 VARIANTS = {
@@ -148,8 +148,8 @@ def run_variant(name, spec, accelerator, parts, data, args, flops_per_step, peak
         if source == "cache":
             batch = {k: v.to(device, non_blocking=True) for k, v in batch.items()}
         with accelerator.accumulate(unet):
-            loss = train_micro_step(accelerator, unet, optimizer, produce(batch), parts.noise_scheduler,
-                                    scaling, 0.05, 1.0)
+            loss, _ = train_micro_step(accelerator, unet, optimizer, produce(batch), parts.noise_scheduler,
+                                       scaling, 0.05, 1.0)
     if device.type == "cuda":
         torch.cuda.synchronize(device)
     elapsed = time.perf_counter() - t0

@@ -33,7 +33,7 @@ from ip2p.method import EncodedBatch, compute_time_ids
 SHARD_SIZE = 256  # samples per shard file, unless --latent_cache_shard_size says otherwise
 PER_VIEW = ("original_latents", "edited_latent_mean", "edited_latent_std", "time_ids")
 PER_SAMPLE = ("prompt_embeds", "pooled_prompt_embeds")
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
 
 
 def module_identity(module) -> dict:
@@ -85,6 +85,10 @@ class LatentCache:
     def is_complete(self) -> bool:
         return (self.dir / "index.json").is_file()
 
+    def replaced_samples(self) -> int:
+        """Samples that failed to decode when the cache was built (each replaced by the next one)."""
+        return json.loads((self.dir / "index.json").read_text()).get("replaced_samples", 0)
+
     def missing_shards(self) -> list[int]:
         return [i for i in range(self.num_shards) if not self.shard_path(i).is_file()]
 
@@ -100,16 +104,16 @@ class _CacheSource(torch.utils.data.Dataset):
 
     def __getitem__(self, i: int) -> dict:
         index = self.indices[i]
-        original, edited, prompt = self.pairs.read(index)
+        original, edited, prompt, skipped = self.pairs.read_or_replace(index)
         views = [self.pairs.view(original, edited, index, flip=bool(v)) for v in range(self.orientations)]
-        return {"views": views, **self.pairs.tokens(prompt)}
+        return {"views": views, **self.pairs.tokens(prompt), "replaced": torch.tensor(skipped)}
 
 
 def _collate_views(samples: list[dict]) -> dict:
     views = [{k: torch.stack([s["views"][v][k] for s in samples]) for k in samples[0]["views"][0]}
              for v in range(len(samples[0]["views"]))]
-    return {"views": views, "input_ids": torch.stack([s["input_ids"] for s in samples]),
-            "input_ids_2": torch.stack([s["input_ids_2"] for s in samples])}
+    return {"views": views, **{k: torch.stack([s[k] for s in samples]) for k in ("input_ids", "input_ids_2",
+                                                                               "replaced")}}
 
 
 @torch.no_grad()
@@ -125,6 +129,7 @@ def encode_shard(cache: LatentCache, i: int, pairs: TrainPairs, parts, resolutio
                                      batch["input_ids"].to(device), batch["input_ids_2"].to(device))
         out.setdefault("prompt_embeds", []).append(embeds.to(dtype).cpu())
         out.setdefault("pooled_prompt_embeds", []).append(pooled.to(dtype).cpu())
+        out.setdefault("replaced", []).append(batch["replaced"])
         for v, view in enumerate(batch["views"]):
             mean, std, mode = encode_images(parts.vae, view["original_pixel_values"].to(device),
                                             view["edited_pixel_values"].to(device))
@@ -155,7 +160,12 @@ def build_cache(accelerator, cache: LatentCache, pairs: TrainPairs, parts, key_p
         missing = cache.missing_shards()
         if missing:
             raise RuntimeError(f"latent cache {cache.dir}: shards {missing[:5]} missing after the build")
-        index = {"num_samples": cache.num_samples, "shard_size": cache.shard_size, "orientations": cache.orientations}
+        replaced = 0
+        for i in range(cache.num_shards):
+            with safe_open(str(cache.shard_path(i)), framework="pt") as f:
+                replaced += int(f.get_tensor("replaced").sum())
+        index = {"num_samples": cache.num_samples, "shard_size": cache.shard_size, "orientations": cache.orientations,
+                 "replaced_samples": replaced}
         (cache.dir / "index.json").write_text(json.dumps(index))
     accelerator.wait_for_everyone()
 
@@ -168,7 +178,7 @@ class CachedPairs(torch.utils.data.Dataset):
         self.epoch = 0
         self._files = {}  # opened lazily, per worker process
 
-    def set_epoch(self, epoch: int) -> None:
+    def use_epoch(self, epoch: int) -> None:
         self.epoch = epoch
 
     def __len__(self) -> int:

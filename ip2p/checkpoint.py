@@ -30,6 +30,8 @@ class TrainState:
     epoch: int = 0
     batches_in_epoch: int = 0  # micro-batches each process has consumed in this epoch
     micro_batch: int = 0  # samples per micro-batch, all processes together
+    skipped_steps: int = 0  # optimizer steps skipped for non-finite gradients
+    replaced_samples: int = 0  # samples that failed to decode (replaced by the next one)
 
     def state_dict(self) -> dict:
         return asdict(self)

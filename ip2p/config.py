@@ -94,6 +94,9 @@ class TrainConfig:
                                     "takes minutes: over 4.5 on an H200)")
     enable_xformers_memory_efficient_attention: bool = _f(
         False, "use xformers attention; falls back to PyTorch SDPA with a warning when unavailable")
+    max_nonfinite_steps: int = _f(
+        10, "(kit) skip optimizer steps whose gradients are not finite; stop after this many in a row "
+            "(0: no check, which saves one host synchronisation per optimizer step)")
     seed: Optional[int] = _f(None, "seed for reproducible training (optional)")
 
     # --- validation

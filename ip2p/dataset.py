@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import math
 import random
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -20,6 +21,7 @@ import torch
 from PIL import Image
 
 from ip2p.errors import UserError
+from ip2p.guards import ignore_signals_in_worker
 from ip2p.images import open_rgb, to_rgb
 
 
@@ -132,6 +134,10 @@ class PairTransform:
     seed: int
 
 
+MAX_REPLACEMENTS = 16
+UNREADABLE = (UserError, OSError, ValueError, SyntaxError, Image.DecompressionBombError)
+
+
 class TrainPairs(torch.utils.data.Dataset):
     """Edit pairs as pixels, size ids and token ids for both tokenizers.
 
@@ -147,7 +153,7 @@ class TrainPairs(torch.utils.data.Dataset):
         self.tokenizers = tokenizers
         self.epoch = 0
 
-    def set_epoch(self, epoch: int) -> None:
+    def use_epoch(self, epoch: int) -> None:
         self.epoch = epoch
 
     def __len__(self) -> int:
@@ -169,10 +175,27 @@ class TrainPairs(torch.utils.data.Dataset):
         return {"input_ids": tokenize(self.tokenizers[0], [prompt])[0],
                 "input_ids_2": tokenize(self.tokenizers[1], [prompt])[0]}
 
+    def read_or_replace(self, index: int) -> tuple[Image.Image, Image.Image, str, int]:
+        """Read a sample; one that fails to decode is replaced by the next readable one and counted.
+
+        A broken image in 300k must not stop a days-long run; the count reaches the logs and the
+        model card. Returns the images, the prompt and how many samples were skipped.
+        """
+        for skipped in range(MAX_REPLACEMENTS):
+            i = (index + skipped) % len(self.ds)
+            try:
+                return (*self.read(i), skipped)
+            except UNREADABLE as e:
+                print(f"warning: training sample {i} could not be read and is replaced by the next one: "
+                      f"{str(e).splitlines()[0][:200]}", file=sys.stderr, flush=True)
+        raise RuntimeError(f"{MAX_REPLACEMENTS} consecutive samples from {index} could not be read; "
+                           "the dataset looks broken (convert it again with convert_to_hf_dataset.py)")
+
     def __getitem__(self, index: int) -> dict:
-        original, edited, prompt = self.read(index)
+        original, edited, prompt, skipped = self.read_or_replace(index)
         flip = flip_decision(self.transform, self.epoch, index)
-        return {**self.view(original, edited, index, flip), **self.tokens(prompt)}
+        return {**self.view(original, edited, index, flip), **self.tokens(prompt),
+                "replaced": torch.tensor(skipped)}
 
 
 def flip_decision(t: PairTransform, epoch: int, index: int) -> bool:
@@ -184,12 +207,16 @@ def collate(samples: list[dict]) -> dict:
 
 
 class EpochSampler(torch.utils.data.Sampler):
-    """A fresh permutation each epoch from (seed, epoch): the order is part of the run's state."""
+    """A fresh permutation each epoch from (seed, epoch): the order is part of the run's state.
+
+    The method is `use_epoch`, not `set_epoch`: accelerate calls any `set_epoch` it finds with its
+    own count of iterations, which restarts at 0 after a resume and would replay epoch 0's order.
+    """
 
     def __init__(self, n: int, seed: int):
         self.n, self.seed, self.epoch = n, seed, 0
 
-    def set_epoch(self, epoch: int) -> None:
+    def use_epoch(self, epoch: int) -> None:
         self.epoch = epoch
 
     def __len__(self) -> int:
@@ -209,6 +236,7 @@ def make_dataloader(pairs, batch_size: int, num_workers: int, seed: int, pin_mem
         # training re-makes workers each epoch so they see the dataset's epoch (flips)
         persistent_workers=persistent_workers and num_workers > 0,
         generator=torch.Generator().manual_seed(seed),  # keeps the global (noise) generator untouched
+        worker_init_fn=ignore_signals_in_worker,
     )
     return loader, sampler
 

@@ -13,7 +13,7 @@ def changed_flags(cfg: TrainConfig) -> dict:
     return {k: v for k, v in to_dict(cfg).items() if defaults.get(k) != v and k != "config"}
 
 
-def render_model_card(cfg: TrainConfig, global_step: int, num_samples: int, validation_grid: str | None) -> str:
+def render_model_card(cfg: TrainConfig, state, num_samples: int, validation_grid: str | None) -> str:
     data = cfg.data_dir or cfg.dataset_name or cfg.train_data_dir
     flags = "\n".join(f"| `--{k}` | `{v}` |" for k, v in changed_flags(cfg).items())
     grid = f"\n## Last validation\n\n![validation]({validation_grid})\n" if validation_grid else ""
@@ -38,7 +38,9 @@ InstructPix2Pix method (Brooks et al. 2023).
 |---|---|
 | base model | `{cfg.pretrained_model_name_or_path}` |
 | data | `{data}` ({num_samples} training pairs) |
-| optimizer steps | {global_step} |
+| optimizer steps | {state.global_step} |
+| optimizer steps skipped (non-finite gradients) | {state.skipped_steps} |
+| training samples that failed to decode (replaced by the next sample) | {state.replaced_samples} |
 | resolution | {cfg.resolution} |
 | conditioning dropout | {cfg.conditioning_dropout_prob or 0} |
 | EMA | {"yes, decay " + str(cfg.ema_decay) if cfg.use_ema else "no"} |
@@ -66,10 +68,10 @@ or, with this kit: `python inference.py --model_path PATH_TO_THIS_FOLDER --input
 {grid}"""
 
 
-def write_model_card(folder: str | Path, cfg: TrainConfig, global_step: int, num_samples: int,
+def write_model_card(folder: str | Path, cfg: TrainConfig, state, num_samples: int,
                      validation_grid: str | None) -> Path:
     path = Path(folder) / "README.md"
-    path.write_text(render_model_card(cfg, global_step, num_samples, validation_grid))
+    path.write_text(render_model_card(cfg, state, num_samples, validation_grid))
     return path
 
 

@@ -51,16 +51,24 @@ def forward_loss(
 
 
 def train_micro_step(accelerator, unet, optimizer, batch: EncodedBatch, noise_scheduler, scaling_factor: float,
-                     conditioning_dropout_prob: float, max_grad_norm: float) -> torch.Tensor:
+                     conditioning_dropout_prob: float, max_grad_norm: float,
+                     skip_nonfinite: bool = True) -> tuple[torch.Tensor, bool]:
     """One micro-batch, called inside `accelerator.accumulate(unet)`: loss, backward, and on the
     micro-batch that completes an accumulation, clipping and the optimizer step.
 
-    Returns the detached loss without reading it (no host synchronisation).
+    Returns the detached loss (not read: no host synchronisation) and whether the optimizer step
+    was skipped because the gradients were not finite. Checking that reads one number per
+    optimizer step (`skip_nonfinite=False` avoids it); under fp16 the GradScaler decides instead.
     """
     loss = forward_loss(unet, batch, noise_scheduler, scaling_factor, conditioning_dropout_prob)
     accelerator.backward(loss)
     if accelerator.sync_gradients:
-        accelerator.clip_grad_norm_(unet.parameters(), max_grad_norm)
+        norm = accelerator.clip_grad_norm_(unet.parameters(), max_grad_norm)
+        own_check = skip_nonfinite and accelerator.scaler is None and norm is not None
+        if own_check and not torch.isfinite(norm).item():  # the same on every rank: grads are all-reduced
+            optimizer.zero_grad(set_to_none=True)
+            return loss.detach(), True
     optimizer.step()  # accelerate's wrapper only steps on the micro-batch that syncs
+    skipped = accelerator.sync_gradients and accelerator.scaler is not None and optimizer.step_was_skipped
     optimizer.zero_grad(set_to_none=True)
-    return loss.detach()
+    return loss.detach(), bool(skipped)

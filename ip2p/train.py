@@ -11,150 +11,45 @@
 from __future__ import annotations
 
 import functools
-import json
 import math
 import os
 import time
-import warnings
 from pathlib import Path
 
 import torch
 from tqdm.auto import tqdm
 
 from ip2p import checkpoint as ckpt
-from ip2p.cache import CachedPairs, LatentCache, build_cache, cache_key, cached_batch
+from ip2p.cache import cached_batch
 from ip2p.config import TrainConfig, to_dict, write_resolved
 from ip2p.dataset import TrainPairs, load_hf_dataset, make_dataloader, steps_per_epoch
 from ip2p.encode import OnTheFlyEncoder
 from ip2p.errors import UserError
-from ip2p.method import expand_conv_in
+from ip2p.guards import (
+    EXIT_PREEMPTED,
+    NonFiniteGuard,
+    StopOnSignal,
+    check_free_space,
+    checkpoint_bytes_estimate,
+)
 from ip2p.models import load_parts, vae_scale_factor
 from ip2p.model_card import write_model_card
 from ip2p.step import train_micro_step
+from ip2p.train_setup import (
+    DTYPES,
+    MetricsLog,
+    batch_arithmetic,
+    make_accelerator,
+    make_optimizer,
+    open_cache,
+    peak_memory_gib,
+    place_encoders,
+    prepare_models,
+)
 from ip2p.validation import Validator, load_validation_pairs, log_grid
 
-DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16, "no": torch.float32}
-
-
-def make_accelerator(cfg: TrainConfig):
-    from accelerate import Accelerator
-    from accelerate.utils import DataLoaderConfiguration, ProjectConfiguration
-
-    log_with = None if cfg.report_to == "none" else cfg.report_to
-    return Accelerator(
-        gradient_accumulation_steps=cfg.gradient_accumulation_steps,
-        mixed_precision=cfg.mixed_precision,
-        log_with=log_with,
-        project_config=ProjectConfiguration(
-            project_dir=cfg.output_dir, logging_dir=str(Path(cfg.output_dir) / cfg.logging_dir)),
-        dataloader_config=DataLoaderConfiguration(non_blocking=torch.cuda.is_available()),
-    )
-
-
-def enable_attention(unet, want_xformers: bool) -> str:
-    """xformers when asked for and working, else PyTorch SDPA (the default) with a warning."""
-    if not want_xformers:
-        return "sdpa"
-    try:
-        unet.enable_xformers_memory_efficient_attention()
-        return "xformers"
-    except Exception as e:  # missing package, no kernels for this torch/GPU, CPU tensors, ...
-        warnings.warn(f"xformers unavailable ({str(e).splitlines()[0][:120]}); using PyTorch SDPA attention")
-        return "sdpa"
-
-
-def prepare_models(parts, cfg: TrainConfig, device, weight_dtype: torch.dtype) -> None:
-    """Freeze the encoders, widen and configure the UNet, put everything on the device."""
-    for frozen in (parts.vae, parts.text_encoder, parts.text_encoder_2):
-        frozen.requires_grad_(False).eval()
-    vae_dtype = weight_dtype if cfg.pretrained_vae_model_name_or_path else DTYPES[cfg.vae_precision]
-    for module, dtype in ((parts.vae, vae_dtype), (parts.text_encoder, weight_dtype),
-                          (parts.text_encoder_2, weight_dtype)):
-        if module.dtype != dtype:
-            module.to(dtype=dtype)
-    unet = expand_conv_in(parts.unet, 8)
-    unet.requires_grad_(True).train()
-    if cfg.gradient_checkpointing:
-        unet.enable_gradient_checkpointing()
-    enable_attention(unet, cfg.enable_xformers_memory_efficient_attention)
-    if device.type == "cuda":
-        unet.to(memory_format=torch.channels_last)
-        if cfg.allow_tf32:
-            torch.backends.cuda.matmul.allow_tf32 = True
-            torch.backends.cudnn.allow_tf32 = True
-
-
-def place_encoders(parts, device) -> None:
-    for module in (parts.vae, parts.text_encoder, parts.text_encoder_2):
-        module.to(device)
-
-
-def open_cache(accelerator, cfg: TrainConfig, hf_dataset, parts, pairs, dtype) -> CachedPairs:
-    """The cache entry for this data, encoders and crop policy: reused when complete, else built.
-
-    While training from the cache the encoders stay on the CPU; validation borrows the GPU.
-    """
-    key, key_parts = cache_key(hf_dataset, parts, cfg, dtype)
-    root = Path(cfg.latent_cache_dir or Path(cfg.output_dir) / "latent_cache")
-    cache = LatentCache(root, key, len(hf_dataset), orientations=2 if cfg.random_flip else 1,
-                        shard_size=cfg.latent_cache_shard_size)
-    if cache.is_complete():
-        accelerator.print(f"latent cache: reusing {cache.dir} ({cache.num_samples} samples); the encoders are not run")
-    else:
-        todo = len(cache.missing_shards())
-        accelerator.print(f"latent cache: encoding {todo} of {cache.num_shards} shards into {cache.dir} "
-                          f"({cache.orientations} orientation(s) per sample, {accelerator.num_processes} processes)")
-        place_encoders(parts, accelerator.device)
-        build_cache(accelerator, cache, pairs, parts, key_parts, cfg.resolution, dtype,
-                    cfg.train_batch_size, cfg.dataloader_num_workers)
-        place_encoders(parts, "cpu")
-    return CachedPairs(cache, pairs.transform)
-
-
-def make_optimizer(cfg: TrainConfig, params, lr: float, device):
-    kwargs = dict(lr=lr, betas=(cfg.adam_beta1, cfg.adam_beta2), weight_decay=cfg.adam_weight_decay,
-                  eps=cfg.adam_epsilon)
-    if cfg.use_8bit_adam:
-        if device.type != "cuda":
-            raise UserError("--use_8bit_adam needs a CUDA GPU (bitsandbytes); drop the flag on this machine")
-        try:
-            import bitsandbytes as bnb
-        except ImportError:
-            raise UserError("--use_8bit_adam needs bitsandbytes: pip install bitsandbytes") from None
-        return bnb.optim.AdamW8bit(params, **kwargs)
-    return torch.optim.AdamW(params, fused=device.type == "cuda", **kwargs)
-
-
-class MetricsLog:
-    """OUTPUT_DIR/logs/metrics.jsonl: one JSON object per optimizer step (main process only)."""
-
-    def __init__(self, path: Path, enabled: bool):
-        self.path, self.enabled = path, enabled
-        if enabled:
-            path.parent.mkdir(parents=True, exist_ok=True)
-
-    def truncate_after(self, step: int) -> None:
-        if self.enabled and self.path.exists():
-            rows = [r for r in self.path.read_text().splitlines() if r and json.loads(r)["step"] <= step]
-            self.path.write_text("".join(r + "\n" for r in rows))
-
-    def write(self, row: dict) -> None:
-        if self.enabled:
-            with open(self.path, "a") as f:
-                f.write(json.dumps(row) + "\n")
-
-
-def peak_memory_gib(device) -> float:
-    return torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else 0.0
-
-
-def batch_arithmetic(cfg: TrainConfig, num_processes: int) -> tuple[int, float]:
-    """Global batch (samples per optimizer step) and the learning rate after --scale_lr."""
-    total = cfg.train_batch_size * num_processes * cfg.gradient_accumulation_steps
-    return total, cfg.learning_rate * total if cfg.scale_lr else cfg.learning_rate
-
-
-def train(cfg: TrainConfig) -> Path:
+def train(cfg: TrainConfig) -> int:
+    """Train; returns the exit code (0, or 75 when stopped by a signal after a checkpoint)."""
     from diffusers.optimization import get_scheduler
     from diffusers.training_utils import EMAModel
 
@@ -246,18 +141,27 @@ def train(cfg: TrainConfig) -> Path:
     last_grid = None
     loss_sum, micro_steps, t0 = torch.zeros((), device=device), 0, time.perf_counter()
 
+    stop = StopOnSignal()
+    nonfinite = NonFiniteGuard(cfg.max_nonfinite_steps or 10**9)
+    if cfg.cache_latents:
+        state.replaced_samples = train_set.cache.replaced_samples()
+    replaced = torch.zeros((), device=device, dtype=torch.long)
+    last_checkpoint = resume_path
     epoch, skip = ckpt.resume_position(state, micro_batch, len(loader))
     state.num_processes, state.total_batch_size, state.micro_batch = (
         accelerator.num_processes, total_batch_size, micro_batch)
     while state.global_step < max_steps:
-        sampler.set_epoch(epoch)
-        train_set.set_epoch(epoch)
+        sampler.use_epoch(epoch)
+        train_set.use_epoch(epoch)
         epoch_loader = accelerator.skip_first_batches(loader, skip) if skip else loader
         state.epoch, state.batches_in_epoch = epoch, skip
         for batch in epoch_loader:
+            if "replaced" in batch:  # encoding on the fly: samples that failed to decode
+                replaced += batch["replaced"].sum()
             with accelerator.accumulate(unet):
-                loss = train_micro_step(accelerator, unet, optimizer, produce(batch, device), parts.noise_scheduler,
-                                        scaling, dropout_p, cfg.max_grad_norm)
+                loss, skipped = train_micro_step(accelerator, unet, optimizer, produce(batch, device),
+                                                 parts.noise_scheduler, scaling, dropout_p, cfg.max_grad_norm,
+                                                 skip_nonfinite=cfg.max_nonfinite_steps > 0)
             loss_sum += loss
             micro_steps += 1
             state.batches_in_epoch += 1
@@ -270,18 +174,31 @@ def train(cfg: TrainConfig) -> Path:
                 ema.step(unet.parameters())
             state.global_step += 1
             step = state.global_step
+            nonfinite.update(skipped, step, last_checkpoint)
+            state.skipped_steps += int(skipped)
             bar.update(1)
-            if step % cfg.logging_steps == 0 or step >= max_steps:
+            stopping = stop.requested(accelerator)
+            if step % cfg.logging_steps == 0 or step >= max_steps or stopping:
+                if not cfg.cache_latents:
+                    state.replaced_samples += int(accelerator.reduce(replaced, reduction="sum").item())
+                    replaced.zero_()
                 row = log_step(accelerator, cfg, metrics, lr_scheduler, epoch, step, loss_sum / micro_steps,
-                               micro_steps, time.perf_counter() - t0)
+                               micro_steps, time.perf_counter() - t0, state)
                 bar.set_postfix(loss=f"{row['loss']:.4f}", lr=f"{row['lr']:.2e}",
                                 samples_s=f"{row['samples_per_s']:.2f}", peak_gib=f"{row['peak_memory_gib']:.1f}")
                 loss_sum.zero_()
                 micro_steps, t0 = 0, time.perf_counter()
 
-            if step % cfg.checkpointing_steps == 0:
+            if step % cfg.checkpointing_steps == 0 or stopping:
                 check_replicas(accelerator, unet)
-                ckpt.save_checkpoint(accelerator, output_dir, state, cfg.checkpoints_total_limit)
+                check_free_space(accelerator, output_dir, step, checkpoint_bytes_estimate(last_checkpoint, unet, ema))
+                last_checkpoint = ckpt.save_checkpoint(accelerator, output_dir, state, cfg.checkpoints_total_limit)
+            if stopping:
+                accelerator.print(f"stopped by {stop.received or 'a signal on another process'} at optimizer step "
+                                  f"{step}, after saving {last_checkpoint}; run the same command with "
+                                  "--resume_from_checkpoint latest to continue")
+                accelerator.end_training()
+                return EXIT_PREEMPTED
             if validator is not None and main and step % cfg.validation_steps == 0:
                 last_grid = validate(accelerator, validator, unet, ema, step, output_dir)
             if micro_steps == 0:
@@ -290,6 +207,7 @@ def train(cfg: TrainConfig) -> Path:
                 break
         epoch, skip = epoch + 1, 0
     bar.close()
+    stop.restore()
 
     check_replicas(accelerator, unet)
     accelerator.wait_for_everyone()
@@ -297,12 +215,12 @@ def train(cfg: TrainConfig) -> Path:
         if validator is not None and (last_grid is None or not last_grid.endswith(f"step-{state.global_step}.png")):
             last_grid = validate(accelerator, validator, unet, ema, state.global_step, output_dir)
         save_pipeline(cfg, parts, accelerator.unwrap_model(unet), ema, output_dir)
-        write_model_card(output_dir, cfg, state.global_step, len(hf_dataset), last_grid)
+        write_model_card(output_dir, cfg, state, len(hf_dataset), last_grid)
         if cfg.push_to_hub:
             push_to_hub(cfg, output_dir)
         accelerator.print(f"saved the InstructPix2Pix pipeline to {output_dir}")
     accelerator.end_training()
-    return output_dir
+    return 0
 
 
 def check_replicas(accelerator, unet) -> None:
@@ -318,12 +236,13 @@ def check_replicas(accelerator, unet) -> None:
 
 
 def log_step(accelerator, cfg, metrics, lr_scheduler, epoch: int, step: int, loss: torch.Tensor,
-             micro_steps: int, elapsed: float) -> dict:
-    """Read the loss (the only host synchronisation), mean over processes; write metrics.jsonl."""
+             micro_steps: int, elapsed: float, state) -> dict:
+    """Read the loss (a host synchronisation), mean over processes; write metrics.jsonl."""
     row = {"step": step, "epoch": epoch, "loss": accelerator.reduce(loss, reduction="mean").item(),
            "lr": lr_scheduler.get_last_lr()[0],
            "samples_per_s": micro_steps * cfg.train_batch_size * accelerator.num_processes / elapsed,
-           "peak_memory_gib": peak_memory_gib(accelerator.device)}
+           "peak_memory_gib": peak_memory_gib(accelerator.device),
+           "skipped_steps": state.skipped_steps, "replaced_samples": state.replaced_samples}
     metrics.write(row)
     accelerator.log({k: v for k, v in row.items() if k != "step"}, step=step)
     return row

@@ -44,8 +44,8 @@ def test_cached_rows_are_what_the_encoders_give_in_both_orientations(tmp_path, s
     reader = CachedPairs(cache, pairs.transform)
     seen_flips = set()
     for epoch in (0, 1):
-        reader.set_epoch(epoch)
-        pairs.set_epoch(epoch)
+        reader.use_epoch(epoch)
+        pairs.use_epoch(epoch)
         for i in range(len(ds)):
             want = encoder({k: v[None] for k, v in pairs[i].items()}, "cpu")
             got = reader[i]
@@ -66,6 +66,7 @@ def test_cache_is_stored_in_the_training_precision(tmp_path, setup):
     with safe_open(str(cache.shard_path(0)), "pt") as f:
         dtypes = {k: str(f.get_slice(k).get_dtype()) for k in f.keys()}
     assert dtypes.pop("time_ids/0") == dtypes.pop("time_ids/1") == "F32"  # exact integers
+    assert dtypes.pop("replaced") == "I64"  # samples that failed to decode, per row
     assert set(dtypes.values()) == {"BF16"}
 
 

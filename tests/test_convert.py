@@ -5,6 +5,7 @@ from __future__ import annotations
 import io
 import json
 import os
+import struct
 import zipfile
 
 import numpy as np
@@ -562,3 +563,156 @@ def test_bad_input_exits_2_with_one_line_and_writes_nothing(tmp_path, capsys, ca
     if case != "all rejected":  # that one is found while converting, under the progress bar
         assert len(err) == 1
     assert sorted(p.name for p in tmp_path.iterdir()) == before  # no output, no temp folder
+
+
+# ---------------------------------------------------------------- found by test_convert_fuzz.py
+
+
+def test_manifest_lone_surrogate_escape_is_a_rejected_record_not_a_crash(tmp_path, dst):
+    # "\ud800" is valid JSON but not valid UTF-8: writing the work chunk used to raise
+    src = tmp_path / "data"
+    good = pair_files(src, 1)[0]
+    lines = [
+        json.dumps(good),
+        json.dumps({**good, "edit_prompt": "sky \ud800"}),
+        json.dumps({**good, "input_image": "img/\udc80.jpg"}),
+        json.dumps({**good, "note": "\udfff"}),
+    ]
+    (src / "m.jsonl").write_text("\n".join(lines) + "\n")
+    assert run("--data_dir", src, "--output_dir", dst) == 0
+    entries = rejected(dst)
+    assert [(e["line"], e["reason"]) for e in entries] == [
+        (2, "unparseable_record"),
+        (3, "unparseable_record"),
+        (4, "unparseable_record"),
+    ]
+    assert "lone surrogate" in entries[0]["detail"]
+    assert_nothing_lost(dst, found=4, written=1)
+
+
+def test_ip2p_prompt_json_with_lone_surrogate_is_rejected(tmp_path, dst):
+    # its text reached the Arrow writer, which raised UnicodeEncodeError in the worker
+    src = tmp_path / "release"
+    prompt_folder(src, "0000001", [1])
+    prompt_folder(src, "0000002", [1, 2], prompt=b'{"edit": "x \\ud800", "input": "a"}')
+    prompt_folder(src, "0000003", [1], prompt=b'{"edit": "x", "output": "b \\udc00"}')
+    assert run("--data_dir", src, "--output_dir", dst) == 0
+    assert [(e["folder"], e["reason"]) for e in rejected(dst)] == [
+        ("0000002", "unparseable_record"),
+        ("0000002", "unparseable_record"),
+        ("0000003", "unparseable_record"),
+    ]
+    assert_nothing_lost(dst, found=4, written=1)
+
+
+def test_image_path_with_nul_character_is_a_missing_image(tmp_path, dst):
+    # open() raises ValueError (not OSError) for an embedded NUL: it used to crash the worker
+    src = tmp_path / "data"
+    good = pair_files(src, 1)[0]
+    write_manifest(src / "m.jsonl", [good, {**good, "edited_image": "img/a\x00b.png"}])
+    assert run("--data_dir", src, "--output_dir", dst) == 0
+    (entry,) = rejected(dst)
+    assert (entry["reason"], entry["column"]) == ("missing_image", "edited_image")
+    assert_nothing_lost(dst, found=2, written=1)
+
+
+def damage_deflate_data(zip_path, member: str) -> None:
+    """Make a deflated member's first block type invalid: inflating it raises zlib.error."""
+    with zipfile.ZipFile(zip_path) as zf:
+        info = zf.getinfo(member)
+    data = bytearray(zip_path.read_bytes())
+    name_len, extra_len = struct.unpack("<HH", data[info.header_offset + 26 : info.header_offset + 30])
+    data[info.header_offset + 30 + name_len + extra_len] = 0xFF
+    zip_path.write_bytes(bytes(data))
+
+
+def test_ip2p_damaged_deflated_zip_member_is_rejected_not_a_crash(tmp_path, dst):
+    # zipfile passes zlib.error through (it is not a BadZipFile): it used to crash the worker
+    loose = tmp_path / "loose"
+    for folder in ("0000001", "0000002", "0000003"):
+        prompt_folder(loose, folder, [1])
+    src = tmp_path / "release"
+    src.mkdir()
+    with zipfile.ZipFile(src / "shard-00.zip", "w", compression=zipfile.ZIP_DEFLATED) as zf:
+        for file in sorted(loose.glob("*/*")):
+            zf.write(file, f"{file.parent.name}/{file.name}")
+    damage_deflate_data(src / "shard-00.zip", "0000002/1_1.jpg")
+    damage_deflate_data(src / "shard-00.zip", "0000003/prompt.json")
+    assert run("--data_dir", src, "--output_dir", dst) == 0
+    assert [(e["folder"], e["reason"]) for e in rejected(dst)] == [
+        ("0000002", "unreadable_image"),
+        ("0000003", "unparseable_record"),
+    ]
+    assert_nothing_lost(dst, found=3, written=1)
+
+
+def test_json_nested_deeper_than_the_recursion_limit(tmp_path, dst, capsys):
+    # json raises RecursionError, which is not a ValueError: each parse site used to crash
+    src = tmp_path / "data"
+    good = pair_files(src, 1)[0]
+    deep = "[" * 100_000 + "]" * 100_000
+    (src / "m.jsonl").write_text(json.dumps(good) + "\n" + deep + "\n")
+    assert run("--data_dir", src, "--output_dir", dst) == 0
+    assert [e["reason"] for e in rejected(dst)] == ["unparseable_record"]
+    assert_nothing_lost(dst, found=2, written=1)
+
+    (tmp_path / "list" / "m.json").parent.mkdir()
+    (tmp_path / "list" / "m.json").write_text(deep)
+    release = tmp_path / "release"
+    prompt_folder(release, "0000001", [1])
+    (release / "seeds.json").write_text(deep)
+    for source, message in ((tmp_path / "list", "deeper"), (release, "cannot be read as JSON")):
+        capsys.readouterr()
+        assert run("--data_dir", source, "--output_dir", tmp_path / "out2") == 2
+        err = capsys.readouterr().err
+        assert err.count("\n") == 1 and message in err
+
+
+def test_manifest_integer_extra_beyond_int64_becomes_a_string_column(tmp_path, dst):
+    # the column was typed int64 and the Arrow writer raised OverflowError
+    src = tmp_path / "data"
+    records = pair_files(src, 3)
+    for record, big in zip(records, (1, 2**70, -(2**63))):
+        record["id"] = big
+    write_manifest(src / "m.jsonl", records)
+    assert run("--data_dir", src, "--output_dir", dst) == 0
+    assert load(dst).features["id"].dtype == "string"
+    assert [r["id"] for r in raw_rows(dst)] == ["1", str(2**70), str(-(2**63))]
+
+
+def corrupt_exif() -> bytes:
+    """EXIF with Orientation 6 and an ASCII value under Threshholding (0x0107, a SHORT tag):
+    PIL decodes the image, but rotating it (which rewrites the EXIF) raises struct.error."""
+    entries = [(0x0107, 2, 4, b"cam\x00"), (0x0112, 3, 1, struct.pack(">HH", 6, 0))]
+    ifd = struct.pack(">H", len(entries))
+    ifd += b"".join(struct.pack(">HHI", tag, kind, n) + value for tag, kind, n, value in entries)
+    return b"Exif\x00\x00MM\x00\x2a" + struct.pack(">I", 8) + ifd + b"\x00\x00\x00\x00"
+
+
+@pytest.mark.parametrize("mode,fmt", [("RGB", "JPEG"), ("LA", "PNG")])
+def test_image_with_corrupt_exif_orientation_is_rejected(tmp_path, dst, mode, fmt):
+    # a JPEG was written, then failed to read back (datasets applies the EXIF orientation);
+    # an LA PNG (re-encoded through to_rgb) crashed the worker
+    src = tmp_path / "data"
+    good = pair_files(src, 1)[0]
+    image = Image.fromarray(np.full((6, 10, 3), 90, dtype=np.uint8)).convert(mode)
+    image.save(src / "img" / "exif.img", format=fmt, exif=corrupt_exif())
+    write_manifest(src / "m.jsonl", [good, {**good, "input_image": "img/exif.img"}])
+    assert run("--data_dir", src, "--output_dir", dst) == 0
+    (entry,) = rejected(dst)
+    assert entry["reason"] == "undecodable_image" and "EXIF" in entry["detail"]
+    assert_nothing_lost(dst, found=2, written=1)
+    assert load(dst)[0]["input_image"].mode == "RGB"
+
+
+def test_ip2p_folder_listed_twice_in_seeds_json_is_converted_once(tmp_path, dst):
+    # each entry used to become its own unit: the folder's pairs were written twice
+    src = tmp_path / "release"
+    prompt_folder(src, "0000001", [1, 2, 3])
+    (src / "seeds.json").write_text(
+        json.dumps([["0000001", [1]], ["0000009", [4]], ["0000001", [3, 1]], ["0000009", [4]]])
+    )
+    assert run("--data_dir", src, "--output_dir", dst) == 0
+    assert [(r["folder"], r["seed"]) for r in raw_rows(dst)] == [("0000001", 1), ("0000001", 3)]
+    assert [(e["folder"], e["seed"]) for e in rejected(dst)] == [("0000009", 4)]
+    assert_nothing_lost(dst, found=3, written=2)

@@ -66,7 +66,8 @@ def test_train_checkpoint_resume_and_load(tiny_sdxl, tiny_pairs, tmp_path):
     assert image.size == (64, 64)
     card = (out / "README.md").read_text()
     assert "optimizer steps | 6" in card and "validation/step-6.png" in card
-    # the token is nowhere in what the run wrote
+    # the token is nowhere in what the run wrote or printed
+    assert "hf_do_not_leak_this" not in first.stdout + first.stderr + second.stdout + second.stderr
     for path in out.rglob("*"):
         if path.is_file() and path.stat().st_size < 50_000_000:
             assert b"hf_do_not_leak_this" not in path.read_bytes(), path

@@ -92,16 +92,32 @@ class TypeTally:
         return "string"
 
 
+INT64 = range(-(2**63), 2**63)
+
+
 def _kind(value: object) -> str:
     if isinstance(value, bool):
         return "bool"
-    if isinstance(value, int):
-        return "int"
+    if isinstance(value, int):  # JSON ints are unbounded; one past int64 makes a string column
+        return "int" if value in INT64 else "bigint"
     if isinstance(value, float):
         return "float"
     if isinstance(value, str):
         return "str"
     return "json"
+
+
+LONE_SURROGATE = "holds a lone surrogate (a \\ud800-\\udfff escape), which is not valid text"
+
+
+def holds_lone_surrogate(value: object) -> bool:
+    """True where a parsed JSON value holds a lone surrogate: JSON's \\ud800 escape allows one,
+    but UTF-8 files and Arrow strings cannot hold it (writing it raises UnicodeEncodeError)."""
+    try:
+        json.dumps(value, ensure_ascii=False).encode("utf-8")
+    except UnicodeEncodeError:
+        return True
+    return False
 
 
 def coerce(value: object, dtype: str) -> object:

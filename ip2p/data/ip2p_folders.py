@@ -21,7 +21,7 @@ from dataclasses import dataclass, replace
 from itertools import islice
 from pathlib import Path
 
-from ip2p.data.columns import coerce
+from ip2p.data.columns import LONE_SURROGATE, coerce, holds_lone_surrogate
 from ip2p.data.options import Plan, chunked, shard_size
 from ip2p.data.records import (
     MISSING_IMAGE,
@@ -30,7 +30,7 @@ from ip2p.data.records import (
     ImageRef,
     Record,
 )
-from ip2p.data.validate import ZipCache
+from ip2p.data.validate import ZIP_READ_ERRORS, ZipCache
 from ip2p.errors import UserError
 
 SEED_FILE = re.compile(r"^(\d+)_([01])\.(jpe?g|png|webp)$", re.IGNORECASE)
@@ -129,11 +129,19 @@ def first_places(units: list[Unit]) -> tuple[list[Unit], int]:
 def load_seeds_json(path: Path) -> list[tuple[str, tuple[int, ...]]]:
     try:
         entries = json.loads(path.read_bytes())
-    except (ValueError, OSError) as e:
+    except (ValueError, OSError, RecursionError) as e:  # RecursionError: absurdly deep nesting
         raise UserError(f"{path} cannot be read as JSON ({e}); fix or remove it") from None
     if not isinstance(entries, list):
         raise UserError(f"{path} must be a list of [folder, [seeds]] entries")
-    return [_seeds_entry(path, i, entry) for i, entry in enumerate(entries)]
+    return merge_seed_entries([_seeds_entry(path, i, entry) for i, entry in enumerate(entries)])
+
+
+def merge_seed_entries(entries: list) -> list[tuple[str, tuple[int, ...]]]:
+    """One entry per folder, its seeds united: a folder listed twice must not be converted twice."""
+    merged: dict[str, set[int]] = {}
+    for folder, seeds in entries:
+        merged.setdefault(folder, set()).update(seeds)
+    return [(folder, tuple(sorted(seeds))) for folder, seeds in merged.items()]
 
 
 def _seeds_entry(path: Path, index: int, entry: object) -> tuple[str, tuple[int, ...]]:
@@ -226,13 +234,15 @@ def parse_prompt(raw: bytes | None) -> tuple[dict, tuple[str, str] | None]:
         return {}, (MISSING_INSTRUCTION, "no prompt.json in the folder")
     try:
         prompt = json.loads(raw)
-    except ValueError as e:
+    except (ValueError, RecursionError) as e:  # RecursionError: absurdly deep nesting
         return {}, (UNPARSEABLE_RECORD, f"prompt.json is not valid JSON: {e}")
     if not isinstance(prompt, dict):
         return {}, (
             UNPARSEABLE_RECORD,
             f"prompt.json holds a JSON {type(prompt).__name__}, not an object",
         )
+    if holds_lone_surrogate(prompt):  # Arrow cannot store it: the shard writer would raise
+        return {}, (UNPARSEABLE_RECORD, f"prompt.json {LONE_SURROGATE}")
     return prompt, None
 
 
@@ -297,7 +307,7 @@ def unit_records(root: str, unit: Unit, zips: ZipCache) -> Iterator[Record]:
     view = FolderView(root, unit, zips)
     try:
         prompt, failure = parse_prompt(view.read("prompt.json"))
-    except (OSError, zipfile.BadZipFile, RuntimeError) as e:  # unreadable file, bad zip member
+    except ZIP_READ_ERRORS as e:  # unreadable file, damaged zip member
         prompt, failure = {}, (UNPARSEABLE_RECORD, f"prompt.json cannot be read: {e}")
     seeds = unit.seeds if unit.seeds is not None else seeds_in(view.names)
     if not seeds:

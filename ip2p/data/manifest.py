@@ -15,7 +15,7 @@ from collections.abc import Iterator
 from itertools import islice
 from pathlib import Path
 
-from ip2p.data.columns import TypeTally, coerce, extra_columns, resolve_columns
+from ip2p.data.columns import LONE_SURROGATE, TypeTally, coerce, extra_columns, resolve_columns
 from ip2p.data.options import Plan, shard_size
 from ip2p.data.records import UNPARSEABLE_RECORD, ImageRef, Record
 from ip2p.errors import UserError
@@ -80,7 +80,7 @@ def _iter_jsonl(path: Path) -> Iterator[Row]:
                 continue
             try:
                 value = json.loads(raw)
-            except ValueError as e:  # JSONDecodeError and UnicodeDecodeError
+            except (ValueError, RecursionError) as e:  # bad JSON or UTF-8; absurdly deep nesting
                 yield {"line": number}, None, f"not valid JSON: {e}"
                 continue
             yield _as_row({"line": number}, value)
@@ -97,6 +97,8 @@ def _iter_json_list(path: Path) -> Iterator[Row]:
         )
     except UnicodeDecodeError as e:
         raise UserError(f"{path} is not UTF-8 text ({e.reason} at byte {e.start})") from None
+    except RecursionError:
+        raise UserError(f"{path} nests JSON deeper than Python can parse; fix the file") from None
     if not isinstance(data, list):
         raise UserError(
             f"{path} holds a JSON {type(data).__name__}; a .json manifest must be a list of objects"
@@ -152,11 +154,20 @@ def write_chunks(path: Path, work_dir: Path, size: int, max_samples: int | None)
     chunks: list[Path] = []
     while batch := list(islice(rows, size)):
         chunks.append(work_dir / f"manifest-{len(chunks):05d}.jsonl")
-        with open(chunks[-1], "w", encoding="utf-8") as out:
+        with open(chunks[-1], "wb") as out:
             for origin, record, error in batch:
-                item = {"o": origin, "e": error} if record is None else {"o": origin, "r": record}
-                out.write(json.dumps(item, ensure_ascii=False) + "\n")
+                out.write(chunk_line(origin, record, error))
     return chunks
+
+
+def chunk_line(origin: dict, record: dict | None, error: str | None) -> bytes:
+    """One normalised JSON line. A record holding a lone surrogate (a \\ud800 escape: valid JSON,
+    not valid UTF-8) becomes an unparseable one here, where it would otherwise crash the run."""
+    item = {"o": origin, "e": error} if record is None else {"o": origin, "r": record}
+    try:
+        return (json.dumps(item, ensure_ascii=False) + "\n").encode("utf-8")
+    except UnicodeEncodeError:
+        return chunk_line(origin, None, f"the record {LONE_SURROGATE}")
 
 
 def plan(

@@ -14,12 +14,14 @@ of `to_rgb(image)`, so every reader gets the same RGB pixels as the rest of the 
 from __future__ import annotations
 
 import io
+import lzma
 import os
 import warnings
 import zipfile
+import zlib
 from collections import OrderedDict
 
-from PIL import Image, ImageFile
+from PIL import ExifTags, Image, ImageFile, ImageOps
 
 from ip2p.data.records import (
     DECOMPRESSION_BOMB,
@@ -39,6 +41,10 @@ from ip2p.images import to_rgb
 
 # Modes whose bytes are kept: PIL's convert("RGB") gives the same pixels as to_rgb for them.
 KEPT_MODES = frozenset({"RGB", "RGBX", "L", "1", "CMYK", "YCbCr", "P"})
+
+# What reading a damaged zip member raises: zipfile's own errors (a bad CRC is BadZipFile) and the
+# decompressor's, which zipfile passes through (zlib.error for deflate, LZMAError for lzma).
+ZIP_READ_ERRORS = (OSError, EOFError, RuntimeError, zipfile.BadZipFile, zlib.error, lzma.LZMAError)
 
 
 class ZipCache:
@@ -84,6 +90,9 @@ def read_ref(ref: ImageRef | None, zips: ZipCache, column: str) -> bytes:
         ) from None
     except OSError as e:
         raise Rejection(UNREADABLE_IMAGE, f"{ref.location}: {e.strerror or e}", column) from None
+    except ValueError as e:  # a NUL character in the path: no file can have that name
+        detail = f"not a valid file path ({e}): {ref.location!r}"
+        raise Rejection(MISSING_IMAGE, detail, column) from None
 
 
 def _read_zip_member(ref: ImageRef, zips: ZipCache, column: str) -> bytes:
@@ -91,7 +100,7 @@ def _read_zip_member(ref: ImageRef, zips: ZipCache, column: str) -> bytes:
         return zips.get(ref.location).read(ref.member)
     except KeyError:
         raise Rejection(MISSING_IMAGE, f"{ref.member} not in {ref.location}", column) from None
-    except (OSError, zipfile.BadZipFile, EOFError, RuntimeError) as e:
+    except ZIP_READ_ERRORS as e:
         raise Rejection(UNREADABLE_IMAGE, f"{ref.location}:{ref.member}: {e}", column) from None
 
 
@@ -107,15 +116,30 @@ def decode(data: bytes, label: str, column: str) -> Image.Image:
             warnings.simplefilter("error", Image.DecompressionBombWarning)
             image = Image.open(io.BytesIO(data))
             image.load()
+            check_orientation(image, label, column)
             return image
     except (Image.DecompressionBombError, Image.DecompressionBombWarning) as e:
         raise Rejection(DECOMPRESSION_BOMB, f"{label}: {e}", column) from None
+    except Rejection:
+        raise
     except Exception as e:  # noqa: BLE001 - any decoder failure on foreign bytes is bad data
         truncated = isinstance(e, EOFError) or "truncated" in str(e).lower()
         reason = TRUNCATED_IMAGE if truncated else UNDECODABLE_IMAGE
         raise Rejection(reason, f"{label}: {type(e).__name__}: {e}", column) from None
     finally:
         ImageFile.LOAD_TRUNCATED_IMAGES = previous
+
+
+def check_orientation(image: Image.Image, label: str, column: str) -> None:
+    """Apply the EXIF orientation the way every reader does after decoding (datasets' Image
+    feature, `ip2p.images.to_rgb`). A corrupt EXIF block passes `load()` but raises there (e.g. an
+    ASCII value under a numeric tag), so such an image would be written and then fail to read."""
+    try:
+        if image.getexif().get(ExifTags.Base.Orientation) is not None:  # what datasets checks
+            ImageOps.exif_transpose(image)
+    except Exception as e:  # noqa: BLE001 - PIL's EXIF writer raises TypeError, struct.error, ...
+        detail = f"{label}: corrupt EXIF data ({type(e).__name__}: {e})"
+        raise Rejection(UNDECODABLE_IMAGE, detail, column) from None
 
 
 def needs_rgb_png(image: Image.Image) -> bool:

@@ -54,6 +54,9 @@ class TrainConfig:
     edited_image_column: str = _f("edited_image", "column holding the edited photo")
     edit_prompt_column: str = _f("edit_prompt", "column holding the instruction")
     max_train_samples: Optional[int] = _f(None, "use only this many samples (shuffled with --seed)")
+    validation_split: str = _f("validation", "(kit) split of a DatasetDict whose pairs give the held-out loss logged "
+                                             "at each validation (see convert_to_hf_dataset.py --val_fraction)")
+    max_heldout_samples: int = _f(64, "(kit) held-out pairs used for the held-out loss")
     resolution: int = _f(256, "training resolution; images are resized keeping their aspect ratio, then cropped")
     center_crop: bool = _f(False, "center crop instead of a random crop")
     random_flip: bool = _f(False, "flip the input and edited images together, half of the time")

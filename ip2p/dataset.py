@@ -25,8 +25,8 @@ from ip2p.guards import ignore_signals_in_worker
 from ip2p.images import open_rgb, to_rgb
 
 
-def load_hf_dataset(cfg):
-    """The training split as a `datasets.Dataset`, from --data_dir, --dataset_name or --train_data_dir."""
+def _load_source(cfg):
+    """Whatever --data_dir, --dataset_name or --train_data_dir holds: a Dataset or a DatasetDict."""
     import datasets
 
     if cfg.data_dir:
@@ -34,33 +34,49 @@ def load_hf_dataset(cfg):
         if not path.exists():
             raise UserError(f"--data_dir {path} does not exist; write it with convert_to_hf_dataset.py")
         try:
-            ds = datasets.load_from_disk(str(path))
+            return datasets.load_from_disk(str(path))
         except FileNotFoundError:
             raise UserError(f"--data_dir {path} is not a dataset saved by convert_to_hf_dataset.py "
                             "(no dataset_info.json / state.json); convert your data first") from None
-    elif cfg.dataset_name:
+    if cfg.dataset_name:
         local = Path(cfg.dataset_name)
         if local.is_dir() and any((local / n).exists() for n in ("state.json", "dataset_dict.json")):
-            ds = datasets.load_from_disk(str(local))
-        else:
-            ds = datasets.load_dataset(cfg.dataset_name, cfg.dataset_config_name, cache_dir=cfg.cache_dir)
-    elif cfg.train_data_dir:
+            return datasets.load_from_disk(str(local))
+        return datasets.load_dataset(cfg.dataset_name, cfg.dataset_config_name, cache_dir=cfg.cache_dir)
+    if cfg.train_data_dir:
         if not Path(cfg.train_data_dir).is_dir():
             raise UserError(f"--train_data_dir {cfg.train_data_dir} is not a folder")
-        ds = datasets.load_dataset("imagefolder", data_dir=cfg.train_data_dir, cache_dir=cfg.cache_dir)
-    else:
-        raise UserError("no training data: pass --data_dir (from convert_to_hf_dataset.py), "
-                        "--dataset_name or --train_data_dir")
+        return datasets.load_dataset("imagefolder", data_dir=cfg.train_data_dir, cache_dir=cfg.cache_dir)
+    raise UserError("no training data: pass --data_dir (from convert_to_hf_dataset.py), "
+                    "--dataset_name or --train_data_dir")
+
+
+def load_splits(cfg):
+    """(training split, held-out split or None): the held-out one is --validation_split when the
+    data is a DatasetDict that has it (convert_to_hf_dataset.py --val_fraction writes one)."""
+    import datasets
+
+    ds = _load_source(cfg)
+    heldout = None
     if isinstance(ds, datasets.DatasetDict):
         if "train" not in ds:
             raise UserError(f"the dataset has no 'train' split (splits: {', '.join(ds)})")
+        heldout = ds[cfg.validation_split] if cfg.validation_split in ds else None
         ds = ds["train"]
     check_columns(ds.column_names, cfg)
     if len(ds) == 0:
         raise UserError("the training dataset is empty")
     if cfg.max_train_samples is not None:
         ds = ds.shuffle(seed=cfg.seed or 0).select(range(min(cfg.max_train_samples, len(ds))))
-    return ds
+    if heldout is not None:
+        check_columns(heldout.column_names, cfg)
+        heldout = heldout.select(range(min(cfg.max_heldout_samples, len(heldout)))) if len(heldout) else None
+    return ds, heldout
+
+
+def load_hf_dataset(cfg):
+    """The training split as a `datasets.Dataset`."""
+    return load_splits(cfg)[0]
 
 
 def check_columns(columns: list[str], cfg) -> None:

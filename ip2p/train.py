@@ -10,6 +10,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import math
 import os
@@ -22,7 +23,7 @@ from tqdm.auto import tqdm
 from ip2p import checkpoint as ckpt
 from ip2p.cache import cached_batch
 from ip2p.config import TrainConfig, to_dict, write_resolved
-from ip2p.dataset import TrainPairs, load_hf_dataset, make_dataloader, steps_per_epoch
+from ip2p.dataset import TrainPairs, load_splits, make_dataloader, steps_per_epoch
 from ip2p.encode import OnTheFlyEncoder
 from ip2p.errors import UserError
 from ip2p.guards import (
@@ -32,6 +33,7 @@ from ip2p.guards import (
     check_free_space,
     checkpoint_bytes_estimate,
 )
+from ip2p.heldout import encode_heldout, heldout_losses
 from ip2p.models import load_parts, vae_scale_factor
 from ip2p.model_card import write_model_card
 from ip2p.step import train_micro_step
@@ -71,7 +73,7 @@ def train(cfg: TrainConfig) -> int:
     validation_pairs = load_validation_pairs(cfg)
     resume_path = ckpt.resolve_resume(cfg.resume_from_checkpoint, output_dir)
     with accelerator.main_process_first():
-        hf_dataset = load_hf_dataset(cfg)
+        hf_dataset, heldout_dataset = load_splits(cfg)
     parts = load_parts(cfg)
     prepare_models(parts, cfg, device, weight_dtype)
     pairs = TrainPairs(hf_dataset, cfg, (parts.tokenizer, parts.tokenizer_2))
@@ -82,6 +84,7 @@ def train(cfg: TrainConfig) -> int:
         place_encoders(parts, device)
         train_set = pairs
         produce = OnTheFlyEncoder(parts.vae, parts.text_encoder, parts.text_encoder_2, cfg.resolution, weight_dtype)
+    heldout = encode_heldout_split(cfg, parts, heldout_dataset, device, weight_dtype) if main else None
     loader, sampler = make_dataloader(train_set, cfg.train_batch_size, cfg.dataloader_num_workers,
                                       cfg.seed or 0, pin_memory=device.type == "cuda")
     if main:
@@ -199,8 +202,8 @@ def train(cfg: TrainConfig) -> int:
                                   "--resume_from_checkpoint latest to continue")
                 accelerator.end_training()
                 return EXIT_PREEMPTED
-            if validator is not None and main and step % cfg.validation_steps == 0:
-                last_grid = validate(accelerator, validator, unet, ema, step, output_dir)
+            if main and step % cfg.validation_steps == 0:
+                last_grid = validate(accelerator, validator, heldout, parts, unet, ema, step, output_dir) or last_grid
             if micro_steps == 0:
                 t0 = time.perf_counter()  # the rate excludes checkpoint and validation time
             if step >= max_steps:
@@ -212,8 +215,9 @@ def train(cfg: TrainConfig) -> int:
     check_replicas(accelerator, unet)
     accelerator.wait_for_everyone()
     if main:
-        if validator is not None and (last_grid is None or not last_grid.endswith(f"step-{state.global_step}.png")):
-            last_grid = validate(accelerator, validator, unet, ema, state.global_step, output_dir)
+        if state.global_step % cfg.validation_steps:  # the last step had no validation yet
+            last_grid = validate(accelerator, validator, heldout, parts, unet, ema, state.global_step,
+                                 output_dir) or last_grid
         save_pipeline(cfg, parts, accelerator.unwrap_model(unet), ema, output_dir)
         write_model_card(output_dir, cfg, state, len(hf_dataset), last_grid)
         if cfg.push_to_hub:
@@ -248,17 +252,41 @@ def log_step(accelerator, cfg, metrics, lr_scheduler, epoch: int, step: int, los
     return row
 
 
-def validate(accelerator, validator, unet, ema, step: int, output_dir: Path) -> str:
-    """Render with the EMA weights when there are any, then put the trained weights back."""
+def encode_heldout_split(cfg: TrainConfig, parts, heldout_dataset, device, dtype):
+    """The held-out pairs, encoded once on the main process (centre crops, no flips)."""
+    if heldout_dataset is None:
+        return None
+    fixed = dataclasses.replace(cfg, center_crop=True, random_flip=False)
+    pairs = TrainPairs(heldout_dataset, fixed, (parts.tokenizer, parts.tokenizer_2))
+    home = parts.vae.device
+    place_encoders(parts, device)
+    encoder = OnTheFlyEncoder(parts.vae, parts.text_encoder, parts.text_encoder_2, cfg.resolution, dtype)
+    heldout = encode_heldout(pairs, encoder, parts.noise_scheduler.config.num_train_timesteps)
+    place_encoders(parts, home)
+    print(f"held-out loss on {len(pairs)} pairs of the '{cfg.validation_split}' split at each validation")
+    return heldout
+
+
+def validate(accelerator, validator, heldout, parts, unet, ema, step: int, output_dir: Path) -> str | None:
+    """Held-out losses and validation images, with the EMA weights when there are any; then the
+    trained weights go back. Returns the grid's path relative to the output folder."""
+    if validator is None and heldout is None:
+        return None
     model = accelerator.unwrap_model(unet)
     if ema is not None:
         ema.store(model.parameters())
         ema.copy_to(model.parameters())
-    grid = validator.render(model, step)
+    grid = None
+    if heldout is not None:
+        losses = heldout_losses(model, heldout, parts.noise_scheduler, parts.vae.config.scaling_factor,
+                                DTYPES[accelerator.mixed_precision])
+        MetricsLog(output_dir / "logs" / "heldout.jsonl", True).write({"step": step, **losses})
+        accelerator.log(losses, step=step)
+    if validator is not None:
+        grid = validator.render(model, step)
     if ema is not None:
         ema.restore(model.parameters())
-    path = log_grid(accelerator, grid, step, output_dir)
-    return str(path.relative_to(output_dir))
+    return str(log_grid(accelerator, grid, step, output_dir).relative_to(output_dir)) if grid else None
 
 
 def save_pipeline(cfg: TrainConfig, parts, unet, ema, output_dir: Path) -> None:

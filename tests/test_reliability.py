@@ -1,6 +1,5 @@
 """A run can be stopped at any moment and resumed exactly; faults get a clear answer, never a lost run."""
 
-import json
 import os
 import signal
 import subprocess

@@ -621,8 +621,9 @@ def damage_deflate_data(zip_path, member: str) -> None:
     with zipfile.ZipFile(zip_path) as zf:
         info = zf.getinfo(member)
     data = bytearray(zip_path.read_bytes())
-    name_len, extra_len = struct.unpack("<HH", data[info.header_offset + 26 : info.header_offset + 30])
-    data[info.header_offset + 30 + name_len + extra_len] = 0xFF
+    header = info.header_offset  # the local header: 30 bytes, the name, an extra field
+    name_len, extra_len = struct.unpack("<HH", data[header + 26 : header + 30])
+    data[header + 30 + name_len + extra_len] = 0xFF
     zip_path.write_bytes(bytes(data))
 
 

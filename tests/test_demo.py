@@ -23,7 +23,3 @@ def test_demo_runs_every_stage(tmp_path):
     assert (demo / "model" / "model_index.json").is_file() and (demo / "model" / "validation" / "step-4.png").is_file()
     edited = Image.open(demo / "edited.png")
     assert edited.size == Image.open(demo / "pairs" / "photo.png").size
-    # a second run starts over cleanly
-    proc = subprocess.run(["bash", str(ROOT / "demo.sh")], cwd=ROOT, env=env, capture_output=True, text=True,
-                          timeout=900)
-    assert proc.returncode == 0, proc.stderr[-4000:]

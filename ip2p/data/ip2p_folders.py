@@ -2,7 +2,8 @@
 
 A prompt folder has a numeric name (`0000132/`) and holds prompt.json (`edit`, plus `input` or
 `caption`, plus `output`) and image pairs `{seed}_0.jpg` (input) and `{seed}_1.jpg` (edited).
-An optional seeds.json (`[[folder, [seed, ...]], ...]`) restricts which seeds are taken.
+An optional seeds.json (`[[folder, [seed, ...]], ...]`) restricts which seeds are taken (a folder
+listed twice is taken once, with the seeds of both entries).
 Zips are read in place, never extracted.
 
 Every seed pair is one record. A folder with no pair at all is one record too (rejected), so

@@ -1,7 +1,8 @@
 """Validation of one record, run in the worker that writes its shard.
 
 An image is accepted only after a full decode (`Image.load()`): `verify()` alone misses truncated
-data. PIL's DecompressionBombWarning is an error here, like DecompressionBombError.
+data. PIL's DecompressionBombWarning is an error here, like DecompressionBombError. The EXIF
+orientation that readers apply next is applied here too: a corrupt EXIF block passes `load()`.
 
 The original encoded bytes are stored as they are, so a JPEG is never re-encoded. The output's
 Image feature is `datasets.Image(mode="RGB")`, whose decoder calls PIL's `convert("RGB")`. That is

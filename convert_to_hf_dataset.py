@@ -111,6 +111,16 @@ def build_parser() -> argparse.ArgumentParser:
         "--max_samples", type=int, help="convert only the first N records (in a stable order)"
     )
     parser.add_argument(
+        "--val_fraction",
+        type=float,
+        default=0.0,
+        help="set aside this share of the pairs as a 'validation' split (the trainer logs its "
+        "held-out loss); the output is then a DatasetDict with train and validation",
+    )
+    parser.add_argument(
+        "--val_seed", type=int, default=0, help="which pairs are held out (default: 0)"
+    )
+    parser.add_argument(
         "--overwrite",
         action="store_true",
         help="replace an existing --output_dir once the new one is complete",

@@ -48,6 +48,8 @@ def detect_format(path: Path) -> str:
 
 
 def check_options(options: ConvertOptions, layout: str) -> None:
+    if not 0 <= options.val_fraction < 1:
+        raise UserError(f"--val_fraction must be at least 0 and below 1, got {options.val_fraction}")
     if options.num_proc < 1:
         raise UserError(f"--num_proc must be at least 1, got {options.num_proc}")
     if options.max_samples is not None and options.max_samples < 1:
@@ -87,7 +89,9 @@ def output_features(plan: Plan):
     return datasets.Features({**features, **plan.extra_features})
 
 
-def make_jobs(plan: Plan, schema, staging: Path, work: Path) -> list[ShardJob]:
+def make_jobs(
+    plan: Plan, schema, staging: Path, work: Path, options: ConvertOptions
+) -> list[ShardJob]:
     return [
         ShardJob(
             i,
@@ -95,6 +99,9 @@ def make_jobs(plan: Plan, schema, staging: Path, work: Path) -> list[ShardJob]:
             schema,
             str(staging / f"shard-{i:05d}.arrow"),
             str(work / f"rejected-{i:05d}.jsonl"),
+            options.val_fraction,
+            options.val_seed,
+            str(staging / f"val-{i:05d}.arrow"),
         )
         for i, payload in enumerate(plan.payloads)
     ]
@@ -147,7 +154,9 @@ def totals(results: list) -> dict:
             reencoded[mode] = reencoded.get(mode, 0) + n
     return {
         "records_found": sum(r.records for r in results),
-        "rows_written": sum(r.rows for r in results),
+        "rows_written": sum(r.rows + r.val_rows for r in results),
+        "split_rows": {"train": sum(r.rows for r in results),
+                       "validation": sum(r.val_rows for r in results)},
         "rejected": sum(rejected.values()),
         "rejected_by_reason": dict(sorted(rejected.items())),
         "images_stored_as_rgb_png": dict(sorted(reencoded.items())),
@@ -189,6 +198,7 @@ def build_report(
         "columns": plan.columns,
         "split": options.split,
         "max_samples": options.max_samples,
+        "val_fraction": options.val_fraction,
         "num_proc": options.num_proc,
         **counts,
         "check": "records_found == rows_written + rejected",
@@ -228,7 +238,7 @@ def convert(options: ConvertOptions) -> dict:
         plan = make_plan(layout, options, work)
         print(describe(plan, options), flush=True)
         features = output_features(plan)
-        jobs = make_jobs(plan, features.arrow_schema, staging, work)
+        jobs = make_jobs(plan, features.arrow_schema, staging, work, options)
         results = run_jobs(jobs, options.num_proc, plan.expected_records)
         report = finish(staging, work, options, plan, features, results, start)
     print(summary(report, dst), flush=True)
@@ -244,14 +254,37 @@ def finish(
             f"all {counts['records_found']} records were rejected "
             f"({_reasons(counts)}); first: {first_rejection(results)}; nothing written"
         )
-    files = output.name_data_files(staging, results)
-    output.write_dataset_metadata(staging, work, files, features, plan.source)
+    files = write_splits(staging, work, options, plan, features, results, counts)
     rejected_lines = output.merge_rejected(results, staging / "rejected.jsonl")
     check_counts(counts, output.rows_on_disk(staging), rejected_lines, plan.expected_records)
     shutil.rmtree(work)
     report = build_report(options, plan, counts, time.monotonic() - start, files)
     (staging / "conversion_report.json").write_text(json.dumps(report, indent=2) + "\n")
     return report
+
+
+def write_splits(staging: Path, work: Path, options, plan: Plan, features, results, counts) -> list:
+    """One dataset at the top of the folder, or train/ and validation/ with --val_fraction."""
+    if options.val_fraction <= 0:
+        counts.pop("split_rows")
+        files = output.name_data_files(staging, results)
+        output.write_dataset_metadata(staging, work, files, features, plan.source)
+        return files
+    rows = counts["split_rows"]
+    if rows["validation"] == 0 or rows["train"] == 0:
+        raise UserError(
+            f"--val_fraction {options.val_fraction} leaves {rows['train']} training and "
+            f"{rows['validation']} held-out pairs of {counts['rows_written']}; choose a fraction "
+            "that gives both at least one"
+        )
+    files = []
+    for split in ("train", "validation"):
+        (staging / split).mkdir()
+        names = output.name_data_files(staging / split, results, split)
+        output.write_dataset_metadata(staging / split, work / split, names, features, plan.source)
+        files += names
+    output.write_split_dict(staging, ["train", "validation"])
+    return files
 
 
 def _reasons(counts: dict) -> str:
@@ -270,6 +303,8 @@ def describe(plan: Plan, options: ConvertOptions) -> str:
 def summary(report: dict, dst: Path) -> str:
     rejected = report["rejected"]
     lines = [f"wrote {report['rows_written']} pairs to {dst}"]
+    if "split_rows" in report:
+        lines[0] += " ({train} train, {validation} validation)".format(**report["split_rows"])
     if rejected:
         lines[0] += f" ({rejected} rejected: {_reasons(report)}; see {dst / 'rejected.jsonl'})"
     lines.append(

@@ -20,6 +20,8 @@ class ConvertOptions:
     num_proc: int = 1
     max_samples: int | None = None
     overwrite: bool = False
+    val_fraction: float = 0.0  # > 0: a DatasetDict with train and validation splits
+    val_seed: int = 0
 
     def column_flags(self) -> dict[str, str | None]:
         """Requested source column per output column (None where the user gave no flag)."""

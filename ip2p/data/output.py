@@ -4,6 +4,8 @@
       data-00000-of-000NN.arrow ...   the rows (Arrow IPC streams, what save_to_disk writes)
       dataset_info.json, state.json   what datasets.load_from_disk reads
       rejected.jsonl                  one line per rejected source record
+    (with --val_fraction: DST/train/ and DST/validation/ each hold data files and metadata, and
+    DST/dataset_dict.json lists them; rejected.jsonl and the report stay at the top)
       conversion_report.json          counts, reasons, time, pairs/s
 
 The shard files are written by the workers directly into the temp folder; the two metadata files
@@ -73,14 +75,23 @@ def publish(staging: Path, dst: Path, overwrite: bool) -> None:
         shutil.rmtree(old) if old.is_dir() and not old.is_symlink() else old.unlink()
 
 
-def name_data_files(staging: Path, results: list) -> list[str]:
-    """Move the non-empty shard files to data-IIIII-of-NNNNN.arrow, in shard order."""
-    filled = [r for r in sorted(results, key=lambda r: r.index) if r.rows > 0]
+def name_data_files(staging: Path, results: list, split: str = "") -> list[str]:
+    """Move the non-empty shard files to data-IIIII-of-NNNNN.arrow, in shard order.
+
+    `split` "validation" takes the shards' held-out files instead of their training ones.
+    """
+    rows, path = ("val_rows", "val_path") if split == "validation" else ("rows", "data_path")
+    filled = [r for r in sorted(results, key=lambda r: r.index) if getattr(r, rows) > 0]
     names = []
     for i, result in enumerate(filled):
         names.append(f"data-{i:05d}-of-{len(filled):05d}.arrow")
-        os.replace(result.data_path, staging / names[-1])
+        os.replace(getattr(result, path), staging / names[-1])
     return names
+
+
+def write_split_dict(staging: Path, splits: list[str]) -> None:
+    """dataset_dict.json: what makes load_from_disk return a DatasetDict of the sub-folders."""
+    (staging / "dataset_dict.json").write_text(json.dumps({"splits": splits}))
 
 
 def write_dataset_metadata(
@@ -120,4 +131,6 @@ def rows_on_disk(staging: Path) -> int:
     from ip2p.data.hf_source import quiet_datasets
 
     with quiet_datasets() as datasets:
-        return datasets.load_from_disk(str(staging)).num_rows
+        loaded = datasets.load_from_disk(str(staging))
+        rows = loaded.num_rows
+        return sum(rows.values()) if isinstance(rows, dict) else rows

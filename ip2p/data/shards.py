@@ -8,6 +8,7 @@ image bytes), whatever the size of the input.
 
 from __future__ import annotations
 
+import hashlib
 import json
 from collections import Counter
 from dataclasses import dataclass, field
@@ -36,6 +37,9 @@ class ShardJob:
     schema: pa.Schema
     data_path: str
     rejected_path: str
+    val_fraction: float = 0.0  # --val_fraction: this share of the good rows goes to val_path
+    val_seed: int = 0
+    val_path: str = ""
 
 
 @dataclass
@@ -43,8 +47,10 @@ class ShardResult:
     index: int
     data_path: str
     rejected_path: str
+    val_path: str = ""
     records: int = 0
     rows: int = 0
+    val_rows: int = 0
     rejected: Counter = field(default_factory=Counter)
     reencoded: Counter = field(default_factory=Counter)  # source mode -> images stored as RGB PNG
 
@@ -95,25 +101,36 @@ def _add_to(counter, n: int) -> None:
         counter.value += n
 
 
+def held_out(origin: dict, seed: int, fraction: float) -> bool:
+    """Whether a record goes to the validation split: a hash of where it came from, so the
+    split is the same whatever the number of processes, shards or records around it."""
+    key = json.dumps(origin, sort_keys=True, ensure_ascii=True, default=str) + f"/{seed}"
+    return int.from_bytes(hashlib.sha256(key.encode()).digest()[:8], "big") / 2**64 < fraction
+
+
 def convert_shard(job: ShardJob, progress=None) -> ShardResult:
     progress = progress or _worker_progress or (lambda n: None)
-    result = ShardResult(job.index, job.data_path, job.rejected_path)
+    result = ShardResult(job.index, job.data_path, job.rejected_path, job.val_path)
     writer, zips = ArrowShardWriter(job.data_path, job.schema), ZipCache()
+    val_writer = ArrowShardWriter(job.val_path, job.schema) if job.val_fraction > 0 else None
     try:
         with open(job.rejected_path, "w", encoding="utf-8") as rejected:
             for record in READERS[job.payload["layout"]](job.payload, zips):
-                convert_record(record, zips, writer, rejected, result)
+                held = val_writer is not None and held_out(record.origin, job.val_seed, job.val_fraction)
+                convert_record(record, zips, val_writer if held else writer, rejected, result)
                 if result.records % PROGRESS_EVERY == 0:
                     progress(PROGRESS_EVERY)
         writer.close()
+        if val_writer is not None:
+            val_writer.close()
     finally:
         zips.close()
     progress(result.records % PROGRESS_EVERY)
-    result.rows = writer.rows
-    if result.records != result.rows + sum(result.rejected.values()):
+    result.rows, result.val_rows = writer.rows, val_writer.rows if val_writer is not None else 0
+    if result.records != result.rows + result.val_rows + sum(result.rejected.values()):
         raise RuntimeError(
             f"internal error: shard {job.index} saw {result.records} records but wrote "
-            f"{result.rows} rows and {sum(result.rejected.values())} rejections"
+            f"{result.rows} + {result.val_rows} rows and {sum(result.rejected.values())} rejections"
         )
     return result
 

@@ -40,41 +40,19 @@ found before the model loads and before anything is written; each output is writ
 
 from __future__ import annotations
 
-import argparse
 import os
 import sys
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")  # a local folder only; never reach for the hub
 
-from transformers import HfArgumentParser  # noqa: E402
-
-from ip2p.errors import UserError, cli  # noqa: E402
+from ip2p.cli_args import UserErrorParser  # noqa: E402
+from ip2p.errors import cli  # noqa: E402
 from ip2p.infer import InferenceArgs, run  # noqa: E402
 
 
-class _Formatter(argparse.RawDescriptionHelpFormatter):
-    """Keep the usage examples' line breaks; show each flag's default where it has one."""
-
-    def _get_help_string(self, action: argparse.Action) -> str:
-        if action.default in (None, False, argparse.SUPPRESS):
-            return action.help or ""
-        return f"{action.help} (default: %(default)s)"
-
-
-class _Parser(HfArgumentParser):
-    """Bad flags are user errors: one line and exit code 2, also when main() runs in-process."""
-
-    def error(self, message: str):
-        raise UserError(f"{message} (see python inference.py --help)")
-
-
 def parse_args(argv: list[str] | None = None) -> InferenceArgs:
-    parser = _Parser(InferenceArgs, description=__doc__, formatter_class=_Formatter)
-    args, unknown = parser.parse_args_into_dataclasses(args=argv, return_remaining_strings=True)
-    if unknown:
-        raise UserError(f"unrecognized arguments: {' '.join(unknown)} "
-                        "(see python inference.py --help)")
-    return args
+    parser = UserErrorParser(InferenceArgs, "inference.py", description=__doc__)
+    return parser.parse(argv)
 
 
 @cli

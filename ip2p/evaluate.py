@@ -11,7 +11,6 @@ the settings differ by the guidance alone. The metrics themselves are in `ip2p.m
 
 from __future__ import annotations
 
-import argparse
 import os
 import shutil
 import sys
@@ -22,9 +21,9 @@ import numpy as np
 import torch
 from PIL import Image
 from tqdm.auto import tqdm
-from transformers import HfArgumentParser
 
 from ip2p.dataset import _as_image
+from ip2p.cli_args import UserErrorParser
 from ip2p.errors import UserError
 from ip2p.eval_report import publish, results_per_setting, write_reports
 from ip2p.infer import (DTYPES, EditSettings, edit, inspect_model, load_pipeline, output_size,
@@ -68,30 +67,9 @@ class EvaluateArgs:
     overwrite: bool = _f(False, "replace an existing, non-empty --output_dir")
 
 
-class _Formatter(argparse.RawDescriptionHelpFormatter):
-    """Keep the usage examples' line breaks; show each flag's default where it has one."""
-
-    def _get_help_string(self, action: argparse.Action) -> str:
-        if action.default in (None, False, argparse.SUPPRESS):
-            return action.help or ""
-        return f"{action.help} (default: %(default)s)"
-
-
-class _Parser(HfArgumentParser):
-    """Bad flags are user errors: one line and exit code 2, also when main() runs in-process."""
-
-    def error(self, message: str):
-        raise UserError(f"{message} (see python evaluate.py --help)")
-
-
 def parse_args(argv: list[str] | None, description: str | None = None) -> EvaluateArgs:
-    parser = _Parser(EvaluateArgs, description=description,
-                     formatter_class=_Formatter)
-    args, unknown = parser.parse_args_into_dataclasses(args=argv, return_remaining_strings=True)
-    if unknown:
-        raise UserError(f"unrecognized arguments: {' '.join(unknown)} "
-                        "(see python evaluate.py --help)")
-    return args
+    parser = UserErrorParser(EvaluateArgs, "evaluate.py", description=description)
+    return parser.parse(argv)
 
 
 def check_flags(a: EvaluateArgs) -> list[float]:

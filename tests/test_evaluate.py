@@ -21,30 +21,13 @@ FAST = ["--num_inference_steps", "2", "--resolution", "64", "--image_guidance_sc
 
 
 @pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Tiny convolutions gain nothing from threads; on a busy 2-core machine they lose 10x."""
-    import torch
-
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
+def single_thread(one_thread):
     yield
-    torch.set_num_threads(before)
 
 
 @pytest.fixture(scope="module")
-def model(tmp_path_factory):
-    """The tiny 8-channel pipeline with non-zero photo channels, so image guidance matters."""
-    import torch
-    from diffusers import UNet2DConditionModel
-
-    from ip2p.tiny_model import build_tiny_sdxl
-
-    path = build_tiny_sdxl(tmp_path_factory.mktemp("tiny") / "ip2p", instruct_pix2pix=True)
-    unet = UNet2DConditionModel.from_pretrained(path / "unet")
-    with torch.no_grad():
-        unet.conv_in.weight[:, 4:].normal_(0, 0.3, generator=torch.Generator().manual_seed(0))
-    unet.save_pretrained(path / "unet")
-    return path
+def model(tiny_ip2p):
+    return tiny_ip2p
 
 
 @pytest.fixture(scope="module")

@@ -21,33 +21,13 @@ STEPS = ["--num_inference_steps", "2"]
 
 
 @pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Tiny convolutions gain nothing from threads, and on a busy 2-core machine two threads that
-    wait for each other are 10x slower than one (measured: 6 s vs 0.4 s per edit)."""
-    import torch
-
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
+def single_thread(one_thread):
     yield
-    torch.set_num_threads(before)
 
 
-@pytest.fixture(scope="session")
-def model(tmp_path_factory):
-    """The tiny 8-channel pipeline, its photo channels made non-zero so that the photo matters.
-
-    Untrained, `conv_in`'s 4 new channels are zero and the output would not depend on the input
-    photo at all; then "the RGBA photo edits like its RGB view" would hold for any photo.
-    """
-    import torch
-    from diffusers import UNet2DConditionModel
-
-    path = build_tiny_sdxl(tmp_path_factory.mktemp("tiny") / "ip2p", instruct_pix2pix=True)
-    unet = UNet2DConditionModel.from_pretrained(path / "unet")
-    with torch.no_grad():
-        unet.conv_in.weight[:, 4:].normal_(0, 0.3, generator=torch.Generator().manual_seed(0))
-    unet.save_pretrained(path / "unet")
-    return path
+@pytest.fixture(scope="module")
+def model(tiny_ip2p):
+    return tiny_ip2p
 
 
 @pytest.fixture(scope="session")

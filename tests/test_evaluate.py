@@ -20,9 +20,7 @@ from ip2p.errors import UserError
 FAST = ["--num_inference_steps", "2", "--resolution", "64", "--image_guidance_scales", "1.0,2.0"]
 
 
-@pytest.fixture(scope="module", autouse=True)
-def single_thread(one_thread):
-    yield
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")

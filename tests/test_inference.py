@@ -20,9 +20,7 @@ from ip2p.tiny_model import build_tiny_sdxl
 STEPS = ["--num_inference_steps", "2"]
 
 
-@pytest.fixture(scope="module", autouse=True)
-def single_thread(one_thread):
-    yield
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")

@@ -315,7 +315,14 @@ def push_to_hub(cfg: TrainConfig, output_dir: Path) -> None:
     token = cfg.hub_token or os.environ.get("HF_TOKEN")
     repo_id = create_repo(cfg.hub_model_id or output_dir.name, exist_ok=True, token=token).repo_id
     upload_folder(repo_id=repo_id, folder_path=str(output_dir), token=token,
-                  commit_message="InstructPix2Pix SDXL", ignore_patterns=HUB_IGNORE)
+                  commit_message="InstructPix2Pix SDXL", ignore_patterns=hub_ignore_patterns(cfg, output_dir))
 
 
-HUB_IGNORE = ["checkpoint-*", "checkpoint-*/**", "logs/**", "*.tmp", "*.tmp/**"]
+def hub_ignore_patterns(cfg: TrainConfig, output_dir: Path) -> list[str]:
+    """Checkpoints (tens of GB each, diffusers uploads them), logs, temporary folders and the
+    latent cache when it lives inside the output folder."""
+    patterns = ["checkpoint-*", "checkpoint-*/**", "logs/**", "*.tmp", "*.tmp/**", ".*", ".*/**"]
+    cache = Path(cfg.latent_cache_dir or output_dir / "latent_cache").absolute()
+    if cache.is_relative_to(output_dir.absolute()):
+        patterns.append(f"{cache.relative_to(output_dir.absolute()).as_posix()}/**")
+    return patterns

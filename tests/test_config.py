@@ -83,3 +83,22 @@ def test_resolved_config_has_no_secrets(tmp_path):
 def test_bad_flag_values_are_user_errors(argv, message):
     with pytest.raises(UserError, match=message):
         validate(parse_config(argv))
+
+
+def test_push_to_hub_uploads_the_pipeline_but_no_checkpoint_log_or_cache(tmp_path):
+    from huggingface_hub.utils import filter_repo_objects
+
+    from ip2p.train import hub_ignore_patterns
+
+    files = ["model_index.json", "unet/diffusion_pytorch_model.safetensors", "README.md", "validation/step-6.png",
+             "training_config.yaml", "checkpoint-500/optimizer.bin", "checkpoint-500/model.safetensors",
+             "checkpoint-10.tmp/random_states_0.pkl", "logs/metrics.jsonl", "logs/instruct-pix2pix-xl/events.out",
+             "latent_cache/abc/shard-00000.safetensors", "my_cache/abc/index.json"]
+    kept = ["model_index.json", "unet/diffusion_pytorch_model.safetensors", "README.md", "validation/step-6.png",
+            "training_config.yaml"]
+    cfg = parse_config(["--output_dir", str(tmp_path)])
+    assert list(filter_repo_objects(files, ignore_patterns=hub_ignore_patterns(cfg, tmp_path))) == kept + [
+        "my_cache/abc/index.json"]
+    cfg = parse_config(["--output_dir", str(tmp_path), "--latent_cache_dir", str(tmp_path / "my_cache")])
+    assert list(filter_repo_objects(files, ignore_patterns=hub_ignore_patterns(cfg, tmp_path))) == kept + [
+        "latent_cache/abc/shard-00000.safetensors"]

@@ -145,8 +145,6 @@ def run_variant(name, spec, accelerator, parts, data, args, flops_per_step, peak
                 torch.cuda.synchronize(device)
             t0 = time.perf_counter()
         batch = next(it)
-        if source == "cache":
-            batch = {k: v.to(device, non_blocking=True) for k, v in batch.items()}
         with accelerator.accumulate(unet):
             loss, _ = train_micro_step(accelerator, unet, optimizer, produce(batch), parts.noise_scheduler,
                                        scaling, 0.05, 1.0)

@@ -15,7 +15,8 @@ from dataclasses import dataclass
 import torch
 
 from ip2p.encode import OnTheFlyEncoder
-from ip2p.method import EncodedBatch, compute_loss, diffusion_target, sample_edited_latents
+from ip2p.method import EncodedBatch, sample_edited_latents
+from ip2p.step import denoising_loss
 
 HELDOUT_SEED = 1234
 
@@ -71,12 +72,10 @@ def heldout_losses(unet, heldout: HeldOut, noise_scheduler, scaling_factor: floa
             latents = sample_edited_latents(b.edited_latent_mean, b.edited_latent_std,
                                             heldout.eps[sl].to(device, dtype), scaling_factor)
             noise, t = heldout.noise[sl].to(device, dtype), heldout.timesteps[sl].to(device)
-            noisy = noise_scheduler.add_noise(latents, noise, t)
             with autocast:
-                pred = unet(torch.cat([noisy, b.original_latents], dim=1), t, b.prompt_embeds,
-                            added_cond_kwargs={"text_embeds": b.pooled_prompt_embeds, "time_ids": b.time_ids},
-                            return_dict=False)[0]
-            total += compute_loss(pred, diffusion_target(noise_scheduler, latents, noise, t)).item() * (sl.stop - start)
+                loss = denoising_loss(unet, noise_scheduler, latents, noise, t, b.original_latents,
+                                      b.prompt_embeds, b.pooled_prompt_embeds, b.time_ids)
+            total += loss.item() * (sl.stop - start)
         results[name] = total / n
     unet.train(was_training)
     return results

@@ -36,15 +36,22 @@ def forward_loss(
     noise = _randn(latents)
     timesteps = torch.randint(
         0, noise_scheduler.config.num_train_timesteps, (n,), device=latents.device).long()
-    noisy = noise_scheduler.add_noise(latents, noise, timesteps)
     # 3. InstructPix2Pix conditioning dropout, one uniform draw per sample
     r = torch.rand(n, device=latents.device)
     prompt_embeds, pooled, original = apply_conditioning_dropout(batch, r, conditioning_dropout_prob)
-    # 4. the UNet sees the noisy edited latent and the input latent stacked on channels
+    return denoising_loss(unet, noise_scheduler, latents, noise, timesteps, original, prompt_embeds, pooled,
+                          batch.time_ids)
+
+
+def denoising_loss(unet, noise_scheduler, latents, noise, timesteps, original, prompt_embeds, pooled,
+                   time_ids) -> torch.Tensor:
+    """The UNet sees the noisy edited latent and the input latent stacked on channels; MSE to the
+    target. Shared by training (random draws) and the held-out loss (fixed draws)."""
+    noisy = noise_scheduler.add_noise(latents, noise, timesteps)
     model_input = torch.cat([noisy, original.to(noisy.dtype)], dim=1)
     pred = unet(
         model_input, timesteps, prompt_embeds,
-        added_cond_kwargs={"text_embeds": pooled, "time_ids": batch.time_ids},
+        added_cond_kwargs={"text_embeds": pooled, "time_ids": time_ids},
         return_dict=False,
     )[0]
     return compute_loss(pred, diffusion_target(noise_scheduler, latents, noise, timesteps))

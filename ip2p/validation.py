@@ -1,13 +1,14 @@
 """Validation images during training: main process only, after a real optimizer step.
 
 The pipeline is built once from the modules being trained (no copy, no reload) and renders at the
-training resolution from a square centre crop of each validation photo, like the training crops.
+training resolution from the centre crop a training sample of each validation photo would get.
 Grids go to OUTPUT_DIR/validation/step-N.png and to the trackers.
 """
 
 from __future__ import annotations
 
 import json
+import random
 from contextlib import nullcontext
 from pathlib import Path
 
@@ -15,6 +16,7 @@ import numpy as np
 import torch
 from PIL import Image
 
+from ip2p.dataset import resize_and_crop
 from ip2p.errors import UserError
 from ip2p.grid import make_grid
 from ip2p.images import open_rgb, to_rgb
@@ -52,10 +54,9 @@ def _open(path_or_url: str) -> Image.Image:
     return open_rgb(path_or_url)
 
 
-def square_crop(image: Image.Image, resolution: int) -> Image.Image:
-    side = min(image.size)
-    left, top = (image.width - side) // 2, (image.height - side) // 2
-    return image.crop((left, top, left + side, top + side)).resize((resolution, resolution), Image.BICUBIC)
+def training_crop(photo: Image.Image, resolution: int) -> Image.Image:
+    """The centre crop a training sample of this photo would get (short side resized, then cropped)."""
+    return resize_and_crop(photo, photo, resolution, center_crop=True, flip=False, rng=random.Random(0))[0]
 
 
 class Validator:
@@ -95,7 +96,7 @@ class Validator:
             module.to(device)
         with autocast:
             for photo, prompt in self.pairs:
-                photo = square_crop(photo, cfg.resolution)
+                photo = training_crop(photo, cfg.resolution)
                 outs = [self.pipeline(
                     prompt, image=photo, height=cfg.resolution, width=cfg.resolution,
                     num_inference_steps=cfg.validation_num_inference_steps,

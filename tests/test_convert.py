@@ -230,18 +230,7 @@ def test_manifest_column_flags_magicbrush_names(tmp_path, dst):
     ]
     write_manifest(src / "mb.jsonl", records)
     assert (
-        run(
-            "--data_dir",
-            src,
-            "--output_dir",
-            dst,
-            "--original_image_column",
-            "source_img",
-            "--edit_prompt_column",
-            "instruction",
-            "--edited_image_column",
-            "target_img",
-        )
+        run("--data_dir", src, "--output_dir", dst, *MB_FLAGS)
         == 0
     )
     rows = raw_rows(dst)

@@ -1,0 +1,139 @@
+"""The learning check: its measuring pieces, and a short run of it that must show learning.
+
+The long run (benchmarks/learning_check.py with its defaults) gives the README's figures; the run
+here is the same script, smaller, and asserts only what a few CPU minutes reliably show.
+"""
+
+import json
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from ip2p.learning import (copy_prior_estimate, denoised_verdict, edit_errors, edit_verdict, fit_vae,
+                           heldout_verdict, to_tensor)
+from ip2p.sample_data import make_pairs
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def test_verdicts_need_the_margin_on_both_sides():
+    row = {"val_loss": 1.0, "val_loss_wrong_instruction": 1.03, "val_loss_no_image": 1.01}
+    v = heldout_verdict(row)
+    assert v["uses_instruction"] and not v["uses_photo"]
+    assert v["gap_wrong_instruction_pct"] == 3.0 and v["gap_no_image_pct"] == 1.0
+    errors = {"copy_input_latent": 1.0, "right_instruction_latent": 0.5, "wrong_instruction_latent": 0.51}
+    e = edit_verdict(errors)
+    assert e["beats_copying_input"] and not e["wrong_instruction_worse"] and e["vs_copy_pct"] == -50.0
+    assert not edit_verdict({**errors, "right_instruction_latent": 0.97})["beats_copying_input"]
+    rows = {"by_timestep": {"900": {"copy_prior": 0.6, "model": 0.3, "model_wrong_instruction": 0.7}}}
+    d = denoised_verdict(rows)
+    assert d["beats_copy_prior"] and d["wrong_instruction_worse"] and d["vs_copy_prior_pct"] == -50.0
+
+
+def test_copy_prior_estimate_is_the_posterior_mean():
+    """z ~ N(photo, var), x_t = sqrt(a) z + sqrt(1-a) eps: the estimate must be E[z | x_t], which a
+    regression over many draws recovers; it is the photo at pure noise and x_t / sqrt(a) at none."""
+    g = torch.Generator().manual_seed(0)
+    photo, var, a = torch.tensor(0.7), 0.5, 0.2
+    z = photo + var ** 0.5 * torch.randn(200_000, generator=g)
+    noisy = a ** 0.5 * z + (1 - a) ** 0.5 * torch.randn(200_000, generator=g)
+    est = copy_prior_estimate(noisy, photo, a, var)
+    assert (est - z).pow(2).mean() < (photo - z).pow(2).mean()  # beats copying
+    assert (est - z).pow(2).mean() < (noisy / a ** 0.5 - z).pow(2).mean()  # beats the noisy latent alone
+    assert est.mean().item() == pytest.approx(0.7, abs=0.01)
+    assert ((z - est) * (noisy - noisy.mean())).mean().item() == pytest.approx(0.0, abs=0.01)  # orthogonal
+    assert copy_prior_estimate(noisy[:3], photo, 0.0, var).tolist() == pytest.approx([0.7] * 3)
+    assert copy_prior_estimate(noisy[:3], photo, 1.0, var).tolist() == pytest.approx(noisy[:3].tolist())
+
+
+def test_edit_errors_copy_baseline_and_same_noise_per_sample(tiny_ip2p, one_thread):
+    from diffusers import StableDiffusionXLInstructPix2PixPipeline
+
+    pipe = StableDiffusionXLInstructPix2PixPipeline.from_pretrained(tiny_ip2p)
+    pipe.set_progress_bar_config(disable=True)
+    pairs = make_pairs(3, size=64, seed=1)
+    inputs, truth = [p.input_image for p in pairs], [p.edited_image for p in pairs]
+    same = edit_errors(pipe, inputs, ["make the square red"] * 3, truth, num_inference_steps=2, batch_size=2)
+    # one instruction for all: "the next pair's instruction" is the same text, and each sample's
+    # noise does not depend on the batch it lands in, so both runs give identical outputs
+    assert same["right_instruction_latent"] == same["wrong_instruction_latent"]
+    assert same["right_instruction_pixel"] == same["wrong_instruction_pixel"]
+    with torch.no_grad():
+        sf = pipe.vae.config.scaling_factor
+        z = [pipe.vae.encode(torch.stack([to_tensor(i) for i in xs])).latent_dist.mean * sf
+             for xs in (inputs, truth)]
+    assert same["copy_input_latent"] == pytest.approx((z[0] - z[1]).pow(2).mean().item(), rel=1e-4)
+    x_in, x_gt = (torch.stack([to_tensor(i) for i in xs]) for xs in (inputs, truth))
+    assert same["copy_input_pixel"] == pytest.approx((x_in - x_gt).pow(2).mean().item(), rel=1e-4)
+    assert same["pairs"] == 3 and 0 < same["vae_floor_pixel"]
+    differ = edit_errors(pipe, inputs, [p.edit_prompt for p in pairs], truth, num_inference_steps=2)
+    assert differ["copy_input_latent"] == same["copy_input_latent"]
+    assert differ["right_instruction_latent"] != differ["wrong_instruction_latent"]
+
+
+def test_fit_vae_learns_to_reconstruct_and_recalibrates_the_scale(tiny_sdxl, tmp_path, one_thread):
+    from diffusers import AutoencoderKL
+
+    model = tmp_path / "model"
+    shutil.copytree(tiny_sdxl, model)
+    images = torch.stack([to_tensor(p.input_image) for p in make_pairs(16, size=64, seed=2)])
+    before = AutoencoderKL.from_pretrained(model, subfolder="vae")
+    with torch.no_grad():
+        start = (before.decode(before.encode(images).latent_dist.mean).sample - images).pow(2).mean().item()
+    info = fit_vae(model, images, steps=40, batch_size=8)
+    assert info["reconstruction_mse"] < 0.7 * start
+    vae = AutoencoderKL.from_pretrained(model, subfolder="vae")
+    assert vae.config.scaling_factor == info["scaling_factor"] != before.config.scaling_factor
+    with torch.no_grad():
+        dist = vae.encode(images).latent_dist
+    assert (dist.mean * vae.config.scaling_factor).std().item() == pytest.approx(1.0, rel=1e-3)
+    assert dist.std.max().item() < 1e-6  # the posterior stays near-deterministic, as the tiny model's
+
+
+def test_learning_check_short_run_uses_the_instruction_and_the_photo(tmp_path):
+    """A few CPU minutes of the real trainer on the demo's task: the held-out loss is lower with the
+    right instruction than with a wrong one or without the photo, and edits made by the saved
+    pipeline with the wrong instruction land further from the ground truth."""
+    out = tmp_path / "check"
+    proc = subprocess.run(
+        [sys.executable, "benchmarks/learning_check.py", "--output_dir", str(out), *SHORT_RUN],
+        cwd=ROOT, capture_output=True, text=True, timeout=1200)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    summary = json.loads((out / "learning_check.json").read_text())
+    held, edits = summary["heldout_verdict"], summary["edit_verdict"]
+    assert held["uses_photo"] and held["uses_instruction"], summary["heldout_final"]
+    assert edits["wrong_instruction_worse"], summary["edit_errors"]
+    assert [row["step"] for row in summary["heldout_curve"]] == SHORT_CURVE_STEPS
+
+
+SHORT_RUN = ["--num_pairs", "400", "--vae_steps", "150", "--train_steps", "1500", "--ema_decay", "0.99",
+             "--validation_steps", "500", "--eval_pairs", "32"]
+SHORT_CURVE_STEPS = [500, 1000, 1500]
+
+
+def test_denoised_errors_rows_for_each_timestep_and_variant(tiny_ip2p, one_thread):
+    from diffusers import DDPMScheduler, UNet2DConditionModel
+
+    from ip2p.learning import denoised_errors
+    from ip2p.method import EncodedBatch
+
+    g = torch.Generator().manual_seed(0)
+    n = 4
+    batch = EncodedBatch(torch.randn(n, 4, 8, 8, generator=g), torch.zeros(n, 4, 8, 8),
+                         torch.randn(n, 4, 8, 8, generator=g), torch.randn(n, 77, 64, generator=g),
+                         torch.randn(n, 32, generator=g), torch.tensor([[64.0, 64, 0, 0, 64, 64]] * n))
+    unet = UNet2DConditionModel.from_pretrained(tiny_ip2p, subfolder="unet").eval()
+    scheduler = DDPMScheduler.from_pretrained(tiny_ip2p, subfolder="scheduler")
+    out = denoised_errors(unet, batch, scheduler, 0.5, timesteps=(100, 999))
+    copy = (0.5 * (batch.original_latents - batch.edited_latent_mean)).pow(2).mean().item()
+    assert out["copy_variance"] == pytest.approx(copy, rel=1e-4)
+    assert set(out["by_timestep"]) == {"100", "999"}
+    row = out["by_timestep"]["999"]
+    assert set(row) == {"alpha_bar", "copy_prior", "model", "model_wrong_instruction", "model_no_image"}
+    assert row["copy_prior"] == pytest.approx(copy, rel=0.15)  # at 99.5% noise: about the photo itself
+    assert out["by_timestep"]["100"]["copy_prior"] < row["copy_prior"]
+    assert denoised_errors(unet, batch, scheduler, 0.5, timesteps=(100, 999)) == out  # fixed noise

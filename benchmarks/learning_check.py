@@ -1,7 +1,7 @@
 """Learning check: does a tiny model, trained by the kit on a CPU, learn to do the edit it is told?
 
     python benchmarks/learning_check.py [--output_dir DIR] [--num_pairs 2400] [--vae_steps 500]
-                                        [--train_steps 6000] [--eval_pairs 64] [--seed 0]
+                                        [--train_steps 12000] [--eval_pairs 64] [--seed 0]
 
 On the demo's synthetic task (python -m ip2p.sample_data: recolour the shape, recolour the
 background, swap square and circle; the instruction fully determines the edit), all through the
@@ -19,13 +19,14 @@ kit's own entry points:
      estimate that takes the photo for the edit (ip2p.learning.denoised_errors).
 
 "learns" is true when, at the end: the held-out loss is lower with the right instruction than
-with a wrong one and than without the photo (by 2% each); at 99% noise (t=900) the UNet's estimate
-of the edited latent is closer to the truth than the best estimate that takes the photo for the
-edit, and further with a wrong instruction (5% each); and the pipeline's edits are further from
-the ground truth with a wrong instruction (5%). Whether the sampled edits are also closer to the
-ground truth than the unchanged photo is reported beside it
-("sampled_edits_beat_copying_the_photo"): sampling starts at 99.5% noise, the range a tiny model
-learns last. Prints a JSON summary (also OUT/learning_check.json).
+with a wrong one and than without the photo (by 2% each); at t=900 (98.6% of the variance is
+noise) the UNet's estimate of the edited latent is closer to the truth than the best estimate that
+takes the photo for the edit, and further with a wrong instruction (5% each); and the pipeline's
+edits are closer to the ground truth than the unchanged photo, and further with a wrong
+instruction (5% each, MSE of scaled latents). The sampled edits come last: sampling starts from
+almost pure noise, the range a tiny model learns last (at 6,000 steps everything else holds but
+the edits are not yet closer than the photo). Prints a JSON summary (also
+OUT/learning_check.json); each part has its own verdict there.
 """
 
 from __future__ import annotations
@@ -110,12 +111,13 @@ def parse_args(argv):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--output_dir", default=None, help="work folder (default: a new temp folder)")
     p.add_argument("--num_pairs", type=int, default=2400, help="synthetic pairs, 15%% held out")
-    p.add_argument("--vae_steps", type=int, default=500, help="VAE fitting steps (batch 32)")
-    p.add_argument("--train_steps", type=int, default=6000, help="trainer optimizer steps")
+    p.add_argument("--vae_steps", type=int, default=500, help="VAE fitting steps")
+    p.add_argument("--vae_batch_size", type=int, default=32)
+    p.add_argument("--train_steps", type=int, default=12000, help="trainer optimizer steps")
     p.add_argument("--train_batch_size", type=int, default=32)
     p.add_argument("--learning_rate", type=float, default=2e-3)
     p.add_argument("--ema_decay", type=float, default=0.999)
-    p.add_argument("--validation_steps", type=int, default=1000,
+    p.add_argument("--validation_steps", type=int, default=2000,
                    help="held-out loss every N steps (the curve in the summary)")
     p.add_argument("--eval_pairs", type=int, default=64, help="held-out pairs to edit at the end")
     p.add_argument("--seed", type=int, default=0)
@@ -139,7 +141,7 @@ def main(argv=None) -> int:
     timings["data_and_model_s"] = round(time.time() - t0, 1)
 
     t = time.time()
-    vae = fit_vae(model, training_images(data), a.vae_steps, a.seed)
+    vae = fit_vae(model, training_images(data), a.vae_steps, a.seed, batch_size=a.vae_batch_size)
     timings["vae_fit_s"] = round(time.time() - t, 1)
 
     t = time.time()
@@ -156,10 +158,11 @@ def main(argv=None) -> int:
     timings["edit_check_s"] = round(time.time() - t, 1)
 
     held, edits, denoised = heldout_verdict(curve[-1]), edit_verdict(errors), denoised_verdict(denoising)
-    learns = (held["uses_instruction"] and held["uses_photo"] and denoised["beats_copy_prior"]
-              and denoised["wrong_instruction_worse"] and edits["wrong_instruction_worse"])
+    learns = all((held["uses_instruction"], held["uses_photo"], denoised["beats_copy_prior"],
+                  denoised["wrong_instruction_worse"], edits["beats_copying_input"],
+                  edits["wrong_instruction_worse"]))
     summary = {
-        "learns": learns, "sampled_edits_beat_copying_the_photo": edits["beats_copying_input"],
+        "learns": learns,
         "heldout_final": curve[-1], "heldout_verdict": held, "denoised_verdict": denoised,
         "edit_verdict": edits, "edit_errors": errors, "denoised_errors": denoising,
         "heldout_curve": curve, "vae": vae,

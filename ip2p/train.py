@@ -220,10 +220,14 @@ def train(cfg: TrainConfig) -> int:
                                  output_dir) or last_grid
         save_pipeline(cfg, parts, accelerator.unwrap_model(unet), ema, output_dir)
         write_model_card(output_dir, cfg, state, len(hf_dataset), last_grid)
-        if cfg.push_to_hub:
+    # end_training destroys the process group: every rank must get there together. A rank that tore
+    # its gloo group down while the main one was still saving hung at exit (joining gloo's threads).
+    accelerator.wait_for_everyone()
+    accelerator.end_training()
+    if main:
+        if cfg.push_to_hub:  # after the teardown: an upload may outlast a collective's timeout
             push_to_hub(cfg, output_dir)
         accelerator.print(f"saved the InstructPix2Pix pipeline to {output_dir}")
-    accelerator.end_training()
     return 0
 
 

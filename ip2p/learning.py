@@ -24,6 +24,8 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
+from ip2p.tiny_model import pin_logvar
+
 
 def to_tensor(image: Image.Image) -> torch.Tensor:
     """An RGB image as a (3, H, W) float tensor in [-1, 1], as the VAE expects."""
@@ -37,14 +39,6 @@ def training_images(data_dir: str | Path, split: str = "train") -> torch.Tensor:
 
     rows = datasets.load_from_disk(str(data_dir))[split]
     return torch.stack([to_tensor(row[c]) for row in rows for c in ("input_image", "edited_image")])
-
-
-def pin_logvar(vae) -> None:
-    """Keep the posterior near-deterministic (log-variance -30), as `ip2p.tiny_model` builds it."""
-    with torch.no_grad():
-        c = vae.config.latent_channels
-        vae.quant_conv.weight[c:] = 0
-        vae.quant_conv.bias[c:] = -30.0
 
 
 def fit_vae(model_dir: str | Path, images: torch.Tensor, steps: int, seed: int = 0,

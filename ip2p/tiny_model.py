@@ -89,11 +89,16 @@ def _vae():
         block_out_channels=(16, 16, 32, 32), norm_num_groups=8,
         down_block_types=("DownEncoderBlock2D",) * 4, up_block_types=("UpDecoderBlock2D",) * 4,
     )
-    with torch.no_grad():  # pin the log-variance half of the moments to exp(-30): no posterior noise
+    pin_logvar(vae)
+    return vae
+
+
+def pin_logvar(vae) -> None:
+    """Pin the log-variance half of the VAE's moments to -30: a near-deterministic posterior."""
+    with torch.no_grad():
         c = vae.config.latent_channels
         vae.quant_conv.weight[c:] = 0
         vae.quant_conv.bias[c:] = -30.0
-    return vae
 
 
 def calibration_images(n: int = 16, size: int = 64, seed: int = 0) -> torch.Tensor:

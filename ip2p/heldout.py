@@ -69,9 +69,10 @@ def heldout_losses(unet, heldout: HeldOut, noise_scheduler, scaling_factor: floa
         for start in range(0, n, batch_size):
             sl = slice(start, min(start + batch_size, n))
             b = EncodedBatch(**{k: v[sl] for k, v in variant.__dict__.items()}).to(device=device, dtype=dtype)
-            latents = sample_edited_latents(b.edited_latent_mean, b.edited_latent_std,
-                                            heldout.eps[sl].to(device, dtype), scaling_factor)
-            noise, t = heldout.noise[sl].to(device, dtype), heldout.timesteps[sl].to(device)
+            # the forward process in fp32, as in training (ip2p.step.denoising_loss)
+            latents = sample_edited_latents(b.edited_latent_mean.float(), b.edited_latent_std.float(),
+                                            heldout.eps[sl].to(device), scaling_factor)
+            noise, t = heldout.noise[sl].to(device), heldout.timesteps[sl].to(device)
             with autocast:
                 loss = denoising_loss(unet, noise_scheduler, latents, noise, t, b.original_latents,
                                       b.prompt_embeds, b.pooled_prompt_embeds, b.time_ids)

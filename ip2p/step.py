@@ -27,11 +27,15 @@ def _randn(like: torch.Tensor) -> torch.Tensor:
 def forward_loss(
     unet, batch: EncodedBatch, noise_scheduler, scaling_factor: float, conditioning_dropout_prob: float
 ) -> torch.Tensor:
-    """Noise the edited latent, condition on the input latent and the text, predict, regress."""
-    mean = batch.edited_latent_mean
+    """Noise the edited latent, condition on the input latent and the text, predict, regress.
+
+    The forward process runs in fp32 whatever the batch's dtype (a bf16 cache or bf16 encoders):
+    see `denoising_loss`.
+    """
+    mean = batch.edited_latent_mean.float()
     n = mean.shape[0]
     # 1. a fresh sample of the edited image's latent (as vae.encode(...).sample() would give)
-    latents = sample_edited_latents(mean, batch.edited_latent_std, _randn(mean), scaling_factor)
+    latents = sample_edited_latents(mean, batch.edited_latent_std.float(), _randn(mean), scaling_factor)
     # 2. DDPM forward process at a uniform random timestep per sample
     noise = _randn(latents)
     timesteps = torch.randint(
@@ -46,15 +50,28 @@ def forward_loss(
 def denoising_loss(unet, noise_scheduler, latents, noise, timesteps, original, prompt_embeds, pooled,
                    time_ids) -> torch.Tensor:
     """The UNet sees the noisy edited latent and the input latent stacked on channels; MSE to the
-    target. Shared by training (random draws) and the held-out loss (fixed draws)."""
+    target. Shared by training (random draws) and the held-out loss (fixed draws).
+
+    The forward process (DDPM, Ho et al. 2020, eq. 4), the target and the loss are computed in
+    fp32 whatever the training dtype: `add_noise` casts alpha_bar to the latents' dtype, and in bf16
+    sqrt(1 - alpha_bar) is exactly 0 at t = 0 and 1 (0.029 and 0.041 in fp32), so the UNet would see
+    the clean latent while regressing the noise, at noise levels the fp32 sampler never uses. The
+    UNet's input then takes its parameters' dtype: fp32 master weights under autocast (which casts
+    inside the layers), bf16 under DeepSpeed, whose engine holds bf16 weights and no autocast.
+    """
+    latents, noise = latents.float(), noise.float()
     noisy = noise_scheduler.add_noise(latents, noise, timesteps)
-    model_input = torch.cat([noisy, original.to(noisy.dtype)], dim=1)
+    model_input = torch.cat([noisy, original.float()], dim=1).to(parameter_dtype(unet))
     pred = unet(
         model_input, timesteps, prompt_embeds,
         added_cond_kwargs={"text_embeds": pooled, "time_ids": time_ids},
         return_dict=False,
     )[0]
     return compute_loss(pred, diffusion_target(noise_scheduler, latents, noise, timesteps))
+
+
+def parameter_dtype(module) -> torch.dtype:
+    return next(module.parameters()).dtype
 
 
 def train_micro_step(accelerator, unet, optimizer, batch: EncodedBatch, noise_scheduler, scaling_factor: float,

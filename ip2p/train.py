@@ -98,7 +98,6 @@ def train(cfg: TrainConfig) -> int:
     ema = None
     if cfg.use_ema:
         ema = EMAModel(unet.parameters(), decay=cfg.ema_decay, model_cls=type(unet), model_config=unet.config)
-        ema.to(device)
     if cfg.torch_compile:
         unet = torch.compile(unet)
     unet, optimizer, loader = accelerator.prepare(unet, optimizer, loader)
@@ -128,6 +127,10 @@ def train(cfg: TrainConfig) -> int:
         accelerator.print(f"resumed from {resume_path} at optimizer step {state.global_step}")
     elif cfg.resume_from_checkpoint == "latest":
         accelerator.print(f"no checkpoint in {output_dir} yet; starting a new run")
+    if ema is not None:
+        # only now: load_state loads registered objects to the CPU and EMAModel keeps them there, so
+        # an EMA placed before it would mix a CUDA parameter with a CPU shadow at its first step
+        ema.to(device)
 
     if main:
         tracker_config = {k: v for k, v in to_dict(cfg).items() if isinstance(v, (int, float, str, bool))}

@@ -158,3 +158,73 @@ def test_edited_image_of_another_size_is_aligned_to_the_input():
     b = Image.new("RGB", (200, 100))
     oa, ob, size, _ = resize_and_crop(a, b, 32, True, False, random.Random(0))
     assert oa.size == ob.size == (32, 32) and size == (50, 100)
+
+
+def _capture_unet_input(unet):
+    seen = {}
+
+    def hook(module, args, kwargs):
+        seen["input"], seen["timesteps"] = args[0].detach().clone(), args[1].detach().clone()
+
+    return seen, unet.register_forward_pre_hook(hook, with_kwargs=True)
+
+
+def test_the_forward_process_runs_in_fp32_under_bf16(parts):
+    """In bf16, sqrt(1 - alpha_bar) rounds to exactly 0 at t = 0 and 1 (0.029 and 0.041 in fp32):
+    the UNet would see the clean latent while regressing the noise. The noisy latent, the target and
+    the loss must be fp32 whatever the training dtype; autocast casts inside the UNet."""
+    from diffusers import UNet2DConditionModel
+
+    from ip2p.step import denoising_loss
+
+    sched = parts.noise_scheduler
+    unet = expand_conv_in(UNet2DConditionModel.from_config(parts.unet.config), 8).eval()
+    g = torch.Generator().manual_seed(0)
+    t = torch.tensor([0, 1, 5, 999])
+    latents = torch.randn(4, 4, 8, 8, generator=g).to(torch.bfloat16)  # as a bf16 cache delivers them
+    noise = torch.randn(4, 4, 8, 8, generator=g)
+    original = torch.randn(4, 4, 8, 8, generator=g).to(torch.bfloat16)
+    embeds = torch.randn(4, 77, 64, generator=g).to(torch.bfloat16)
+    pooled = torch.randn(4, 32, generator=g).to(torch.bfloat16)
+    time_ids = torch.tensor([[64.0, 64, 0, 0, 64, 64]]).repeat(4, 1)
+    seen, handle = _capture_unet_input(unet)
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        loss = denoising_loss(unet, sched, latents, noise, t, original, embeds, pooled, time_ids)
+    handle.remove()
+
+    ab = sched.alphas_cumprod[t].double()
+    expected = ab.sqrt()[:, None, None, None] * latents.double() + (1 - ab).sqrt()[:, None, None, None] * noise.double()
+    assert seen["input"].dtype == torch.float32
+    torch.testing.assert_close(seen["input"][:, :4].double(), expected, atol=1e-6, rtol=1e-6)
+    # at t = 0 the noise is really there: 0.029 of it, not the clean latent
+    share = ((seen["input"][0, :4].double() - ab[0].sqrt() * latents[0].double()) / noise[0].double()).mean()
+    assert abs(share.item() - 0.0292) < 5e-4
+    torch.testing.assert_close(seen["input"][:, 4:], original.float())
+    assert loss.dtype == torch.float32
+
+
+def test_a_bf16_batch_trains_with_an_fp32_forward_process(parts):
+    """forward_loss on a bf16 EncodedBatch (the bf16 cache) draws the latent sample and the noise in
+    fp32 and hands the UNet an fp32 input (its parameters' dtype) under autocast."""
+    from diffusers import UNet2DConditionModel
+
+    from ip2p.step import forward_loss
+
+    unet = expand_conv_in(UNet2DConditionModel.from_config(parts.unet.config), 8)
+    g = torch.Generator().manual_seed(1)
+    mean = torch.randn(3, 4, 8, 8, generator=g)
+    batch = EncodedBatch(mean, torch.zeros_like(mean), torch.randn(3, 4, 8, 8, generator=g),
+                         torch.randn(3, 77, 64, generator=g), torch.randn(3, 32, generator=g),
+                         torch.tensor([[64.0, 64, 0, 0, 64, 64]]).repeat(3, 1)).to(dtype=torch.bfloat16)
+    seen, handle = _capture_unet_input(unet)
+    torch.manual_seed(0)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        loss = forward_loss(unet, batch, parts.noise_scheduler, 0.5, 0.0)
+    handle.remove()
+    assert seen["input"].dtype == torch.float32 and loss.dtype == torch.float32
+    # std 0: the latent is mean * scaling exactly; what is left of x_t is the fp32-scaled noise
+    ab = parts.noise_scheduler.alphas_cumprod[seen["timesteps"]]
+    clean = ab.sqrt()[:, None, None, None] * batch.edited_latent_mean.float() * 0.5
+    residual = (seen["input"][:, :4] - clean) / (1 - ab).sqrt()[:, None, None, None]
+    assert 0.5 < residual.std().item() < 2.0  # unit-variance noise, drawn in fp32
+    assert residual.dtype == torch.float32

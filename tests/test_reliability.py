@@ -55,6 +55,41 @@ def test_resumed_run_is_bit_identical_to_an_unbroken_one(tiny_sdxl, tiny_pairs, 
     assert [m["loss"] for m in metrics(whole)] == [m["loss"] for m in metrics(broken)]
 
 
+def test_the_ema_goes_to_the_device_after_a_resume_has_loaded_it(tiny_sdxl, tiny_pairs, tmp_path):
+    """accelerate's load_state loads registered objects to the CPU (map_location="cpu") and
+    EMAModel.load_state_dict keeps what it is given: an EMA moved to the GPU before the load ends up
+    with CPU shadows and the first ema.step after a resume mixes devices (a crash on CUDA). On a CPU
+    the devices are the same, so the order of the calls is checked: load, then to(device), then the
+    first step. tests/gpu/ runs the resume itself on CUDA."""
+    out = tmp_path / "run"
+    extra = ["--use_ema", "--report_to", "none", "--checkpointing_steps", 1]
+    run_train(*tiny_args(tiny_sdxl, tiny_pairs, out, *extra, "--max_train_steps", 1))
+    spy = """
+        import atexit
+        from diffusers.training_utils import EMAModel
+        events, real = [], (EMAModel.to, EMAModel.load_state_dict, EMAModel.step)
+        def to(self, device=None, dtype=None, non_blocking=False):
+            events.append(f"to:{device}")
+            return real[0](self, device, dtype, non_blocking)
+        def load_state_dict(self, state_dict):
+            events.append("load")
+            return real[1](self, state_dict)
+        def step(self, parameters):
+            events.append("step")
+            return real[2](self, parameters)
+        EMAModel.to, EMAModel.load_state_dict, EMAModel.step = to, load_state_dict, step
+        atexit.register(lambda: print("EMA calls:", " ".join(events)))
+    """
+    proc = start_patched(tmp_path, spy, tiny_args(tiny_sdxl, tiny_pairs, out, *extra, "--max_train_steps", 2,
+                                                  "--resume_from_checkpoint", "latest"))
+    code, log = finish(proc)
+    assert code == 0, log[-3000:]
+    events = log.split("EMA calls:")[1].split("\n")[0].split()
+    load, first_step = events.index("load"), events.index("step")
+    moves = [i for i, e in enumerate(events) if e == "to:cpu"]
+    assert moves and load < moves[-1] < first_step, events
+
+
 def wait_for_steps(out: Path, n: int, proc: subprocess.Popen, timeout=300) -> None:
     path = out / "logs" / "metrics.jsonl"
     deadline = time.time() + timeout

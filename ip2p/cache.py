@@ -28,36 +28,36 @@ from tqdm.auto import tqdm
 
 from ip2p.dataset import TrainPairs, flip_decision
 from ip2p.encode import encode_images, encode_text
+from ip2p.fingerprint import dataset_fingerprint, module_fingerprint, tokenizer_fingerprint
 from ip2p.method import EncodedBatch, compute_time_ids
 
 SHARD_SIZE = 256  # samples per shard file, unless --latent_cache_shard_size says otherwise
 PER_VIEW = ("original_latents", "edited_latent_mean", "edited_latent_std", "time_ids")
 PER_SAMPLE = ("prompt_embeds", "pooled_prompt_embeds")
-FORMAT_VERSION = 2
+FORMAT_VERSION = 3  # 3: content fingerprints of the data, all weights, dtypes and tokenizers
 
 
 def module_identity(module) -> dict:
-    """Where a frozen encoder came from, its config, and a fingerprint of some of its weights."""
-    params = list(module.state_dict().items())
-    h = hashlib.sha256()
-    for name, t in params[:3] + params[-3:]:
-        h.update(name.encode())
-        h.update(t.detach().float().cpu().numpy().tobytes())
+    """Where a frozen encoder came from, its config, the dtype it computes in, and all its weights."""
     config = module.config.to_dict() if hasattr(module.config, "to_dict") else dict(module.config)
     return {"name_or_path": str(getattr(module.config, "_name_or_path", "")),
-            "config": json.loads(json.dumps(config, default=str)), "weights": h.hexdigest()[:16]}
+            "config": json.loads(json.dumps(config, default=str)), "dtype": str(module.dtype),
+            "weights": module_fingerprint(module)}
 
 
-def cache_key(hf_dataset, parts, cfg, dtype: torch.dtype) -> tuple[str, dict]:
+def cache_key(hf_dataset, parts, cfg, dtype: torch.dtype, log=print) -> tuple[str, dict]:
     """Everything that changes the cache's content, and its hash (the entry's folder name)."""
+    columns = (cfg.original_image_column, cfg.edit_prompt_column, cfg.edited_image_column)
     parts_of_key = {
         "format": FORMAT_VERSION,
-        "dataset": hf_dataset._fingerprint,
+        "dataset": dataset_fingerprint(hf_dataset, columns, log),
         "num_samples": len(hf_dataset),
         "columns": [cfg.original_image_column, cfg.edited_image_column, cfg.edit_prompt_column],
         "vae": module_identity(parts.vae),
         "text_encoder": module_identity(parts.text_encoder),
         "text_encoder_2": module_identity(parts.text_encoder_2),
+        "tokenizer": tokenizer_fingerprint(parts.tokenizer),
+        "tokenizer_2": tokenizer_fingerprint(parts.tokenizer_2),
         "resolution": cfg.resolution,
         "center_crop": cfg.center_crop,
         "crop_seed": None if cfg.center_crop else (cfg.seed or 0),

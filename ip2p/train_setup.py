@@ -77,7 +77,7 @@ def open_cache(accelerator, cfg: TrainConfig, hf_dataset, parts, pairs, dtype) -
 
     While training from the cache the encoders stay on the CPU; validation borrows the GPU.
     """
-    key, key_parts = cache_key(hf_dataset, parts, cfg, dtype)
+    key, key_parts = shared_cache_key(accelerator, hf_dataset, parts, cfg, dtype)
     root = Path(cfg.latent_cache_dir or Path(cfg.output_dir) / "latent_cache")
     cache = LatentCache(root, key, len(hf_dataset), orientations=2 if cfg.random_flip else 1,
                         shard_size=cfg.latent_cache_shard_size)
@@ -92,6 +92,17 @@ def open_cache(accelerator, cfg: TrainConfig, hf_dataset, parts, pairs, dtype) -
                     cfg.train_batch_size, cfg.dataloader_num_workers)
         place_encoders(parts, "cpu")
     return CachedPairs(cache, pairs.transform)
+
+
+def shared_cache_key(accelerator, hf_dataset, parts, cfg: TrainConfig, dtype) -> tuple[str, dict]:
+    """The cache key, computed once on the main process (it reads every row and every encoder
+    weight) and sent to the others."""
+    key = cache_key(hf_dataset, parts, cfg, dtype, log=accelerator.print) if accelerator.is_main_process else None
+    if accelerator.num_processes > 1:
+        from accelerate.utils import broadcast_object_list
+
+        key = broadcast_object_list([key])[0]
+    return key
 
 
 def make_optimizer(cfg: TrainConfig, params, lr: float, device):

@@ -99,6 +99,71 @@ def test_the_key_changes_with_what_changes_the_content(setup):
     assert cache_key(ds, parts, cfg, torch.float32)[0] == key  # and it is stable
 
 
+def test_the_key_covers_every_weight_the_compute_dtypes_and_the_tokenizers(setup):
+    """Hashing a few tensors missed a text encoder changed in a middle layer; the dtype the VAE
+    computes in (its fp16 copy encodes other latents) was not in the key, nor the tokenizers."""
+    import copy
+
+    cfg, parts, ds, _ = setup
+    key = cache_key(ds, parts, cfg, torch.float32)[0]
+
+    def key_with(**changed):
+        return cache_key(ds, SimpleNamespace(**{**parts.__dict__, **changed}), cfg, torch.float32)[0]
+
+    te = copy.deepcopy(parts.text_encoder)
+    middle = list(te.state_dict())[len(te.state_dict()) // 2]
+    with torch.no_grad():
+        te.state_dict()[middle].add_(1e-3)
+    assert key_with(text_encoder=te) != key
+    assert key_with(vae=copy.deepcopy(parts.vae).to(torch.float16)) != key
+    assert key_with(text_encoder_2=copy.deepcopy(parts.text_encoder_2).to(torch.bfloat16)) != key
+    tok = copy.deepcopy(parts.tokenizer)
+    tok.model_max_length = 33
+    assert key_with(tokenizer=tok) != key
+    assert key_with(vae=copy.deepcopy(parts.vae)) == key  # a copy of the same weights is the same
+
+
+def test_a_reconverted_dataset_with_changed_pairs_is_encoded_again(tiny_sdxl, tmp_path):
+    """Convert, train; change some pairs and convert the same source again into the same folder;
+    train again on the shared cache: changed pairs are encoded again, unchanged ones reused."""
+    import subprocess
+    import sys
+
+    from PIL import Image
+
+    from test_train_e2e import ROOT
+
+    def convert():
+        proc = subprocess.run([sys.executable, "convert_to_hf_dataset.py", "--data_dir", str(src), "--output_dir",
+                               str(data), "--overwrite"], cwd=ROOT, capture_output=True, text=True, timeout=300)
+        assert proc.returncode == 0, proc.stderr[-2000:]
+
+    def train(name):
+        return run_train(*tiny_args(tiny_sdxl, data, tmp_path / name, "--max_train_steps", 1, "--report_to", "none",
+                                    "--latent_cache_dir", cache)).stdout
+
+    src, data, cache = tmp_path / "src", tmp_path / "data_hf", tmp_path / "cache"
+    subprocess.run([sys.executable, "-m", "ip2p.sample_data", "--output_dir", str(src), "--num_pairs", "6"],
+                   cwd=ROOT, check=True, capture_output=True, timeout=300)
+    convert()
+    assert "latent cache: encoding" in train("first")
+    convert()  # the same pairs again: the same content, the entry is reused
+    log = train("same")
+    assert "latent cache: reusing" in log and "recorded by convert_to_hf_dataset.py" in log
+
+    manifest = src / "manifest.jsonl"
+    rows = [json.loads(line) for line in manifest.read_text().splitlines()]
+    rows[2]["edit_prompt"] = "make it look like a watercolour"
+    manifest.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    convert()
+    assert "latent cache: encoding" in train("new_instruction")
+
+    Image.new("RGB", (64, 64), (10, 200, 30)).save(src / rows[4]["edited_image"])
+    convert()
+    assert "latent cache: encoding" in train("new_image")
+    assert len([p for p in cache.iterdir() if (p / "index.json").is_file()]) == 3
+
+
 def test_training_from_the_cache_logs_the_losses_of_encoding_on_the_fly(tiny_sdxl, tiny_pairs, tmp_path):
     runs = {}
     for mode in ("--cache_latents", "--no_cache_latents"):

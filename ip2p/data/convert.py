@@ -268,7 +268,8 @@ def write_splits(staging: Path, work: Path, options, plan: Plan, features, resul
     if options.val_fraction <= 0:
         counts.pop("split_rows")
         files = output.name_data_files(staging, results)
-        output.write_dataset_metadata(staging, work, files, features, plan.source)
+        counts["content_fingerprint"] = output.write_dataset_metadata(
+            staging, work, files, features, plan.source, results)
         return files
     rows = counts["split_rows"]
     if rows["validation"] == 0 or rows["train"] == 0:
@@ -277,11 +278,12 @@ def write_splits(staging: Path, work: Path, options, plan: Plan, features, resul
             f"{rows['validation']} held-out pairs of {counts['rows_written']}; choose a fraction "
             "that gives both at least one"
         )
-    files = []
+    files, counts["content_fingerprint"] = [], {}
     for split in ("train", "validation"):
         (staging / split).mkdir()
         names = output.name_data_files(staging / split, results, split)
-        output.write_dataset_metadata(staging / split, work / split, names, features, plan.source)
+        counts["content_fingerprint"][split] = output.write_dataset_metadata(
+            staging / split, work / split, names, features, plan.source, results, split)
         files += names
     output.write_split_dict(staging, ["train", "validation"])
     return files

@@ -3,6 +3,8 @@
     DST/
       data-00000-of-000NN.arrow ...   the rows (Arrow IPC streams, what save_to_disk writes)
       dataset_info.json, state.json   what datasets.load_from_disk reads
+      content_fingerprint.json        the rows' content fingerprint (ip2p.fingerprint), with the
+                                      data files' sizes and times, for the latent cache's key
       rejected.jsonl                  one line per rejected source record
     (with --val_fraction: DST/train/ and DST/validation/ each hold data files and metadata, and
     DST/dataset_dict.json lists them; rejected.jsonl and the report stay at the top)
@@ -23,6 +25,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 from ip2p.errors import UserError
+from ip2p.fingerprint import combine, write_content_record
 
 
 def temp_path(dst: Path, kind: str = "tmp") -> Path:
@@ -94,10 +97,24 @@ def write_split_dict(staging: Path, splits: list[str]) -> None:
     (staging / "dataset_dict.json").write_text(json.dumps({"splits": splits}))
 
 
+def split_fingerprint(results: list, split: str = "") -> tuple[str, int]:
+    """The content fingerprint of one split (ip2p.fingerprint) from the shards' row digests, in
+    the order of the rows in the data files; and the number of rows."""
+    digests = b"".join(r.val_digests if split == "validation" else r.digests
+                       for r in sorted(results, key=lambda r: r.index))
+    return combine(digests), len(digests) // 32
+
+
 def write_dataset_metadata(
-    staging: Path, scratch: Path, data_files: list[str], features, source: str
-):
-    """dataset_info.json and state.json as datasets writes them, listing our data files."""
+    staging: Path, scratch: Path, data_files: list[str], features, source: str, results: list,
+    split: str = "",
+) -> str:
+    """dataset_info.json and state.json as datasets writes them, listing our data files, and the
+    record of the split's content fingerprint (CONTENT_FILE); returns the fingerprint.
+
+    state.json's `_fingerprint` becomes the content's too: the template's depends on the features
+    and the path only, so datasets would give a reconverted folder with changed rows the same one.
+    """
     from ip2p.data.hf_source import quiet_datasets
 
     with quiet_datasets() as datasets:
@@ -111,7 +128,11 @@ def write_dataset_metadata(
     shutil.copyfile(scratch / "template" / "dataset_info.json", staging / "dataset_info.json")
     state = json.loads((scratch / "template" / "state.json").read_text())
     state["_data_files"] = [{"filename": name} for name in data_files]
+    fingerprint, rows = split_fingerprint(results, split)
+    state["_fingerprint"] = fingerprint[:16]
     (staging / "state.json").write_text(json.dumps(state, indent=2, sort_keys=True))
+    write_content_record(staging, data_files, fingerprint, rows)
+    return fingerprint
 
 
 def merge_rejected(results: list, out: Path) -> int:

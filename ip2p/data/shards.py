@@ -19,6 +19,7 @@ import pyarrow as pa
 from ip2p.data import hf_source, ip2p_folders, manifest
 from ip2p.data.records import Record, Rejection
 from ip2p.data.validate import ZipCache, check_record
+from ip2p.fingerprint import row_digest
 
 READERS = {
     "ip2p": ip2p_folders.iter_records,
@@ -53,6 +54,8 @@ class ShardResult:
     val_rows: int = 0
     rejected: Counter = field(default_factory=Counter)
     reencoded: Counter = field(default_factory=Counter)  # source mode -> images stored as RGB PNG
+    digests: bytes = b""  # ip2p.fingerprint.row_digest of each row written, in order
+    val_digests: bytes = b""
 
 
 class ArrowShardWriter:
@@ -63,10 +66,12 @@ class ArrowShardWriter:
         self.pending: list[dict] = []
         self.pending_bytes = 0
         self.rows = 0
+        self.digests = bytearray()  # what the latent cache's key is made of (ip2p.fingerprint)
         self._writer = None
 
     def add(self, row: dict, nbytes: int) -> None:
         self.pending.append(row)
+        self.digests += row_digest(row["input_image"]["bytes"], row["edit_prompt"], row["edited_image"]["bytes"])
         self.pending_bytes += nbytes
         if len(self.pending) >= FLUSH_ROWS or self.pending_bytes >= FLUSH_BYTES:
             self.flush()
@@ -127,6 +132,8 @@ def convert_shard(job: ShardJob, progress=None) -> ShardResult:
         zips.close()
     progress(result.records % PROGRESS_EVERY)
     result.rows, result.val_rows = writer.rows, val_writer.rows if val_writer is not None else 0
+    result.digests = bytes(writer.digests)
+    result.val_digests = bytes(val_writer.digests) if val_writer is not None else b""
     if result.records != result.rows + result.val_rows + sum(result.rejected.values()):
         raise RuntimeError(
             f"internal error: shard {job.index} saw {result.records} records but wrote "

@@ -73,7 +73,13 @@ trap 'rm -f "$tmp"' EXIT
   [[ -n $main_process_ip ]] && echo "main_process_ip: $main_process_ip"
   echo "main_process_port: $main_process_port"
   echo "gpu_ids: all"
-  echo "mixed_precision: '$mixed_precision'"
+  if [[ $backend == deepspeed ]]; then
+    # accelerate refuses a mixed_precision key beside a DeepSpeed JSON; the JSON's "auto" takes the
+    # trainer's --mixed_precision (the recipes set it; the default recipe's is bf16)
+    echo "# mixed precision: from the trainer's --mixed_precision ($mixed_precision asked for here)"
+  else
+    echo "mixed_precision: '$mixed_precision'"
+  fi
   echo "use_cpu: $use_cpu"
   echo "main_training_function: main"
   echo "rdzv_backend: static"

@@ -81,18 +81,27 @@ def train_micro_step(accelerator, unet, optimizer, batch: EncodedBatch, noise_sc
     micro-batch that completes an accumulation, clipping and the optimizer step.
 
     Returns the detached loss (not read: no host synchronisation) and whether the optimizer step
-    was skipped because the gradients were not finite. Checking that reads one number per
-    optimizer step (`skip_nonfinite=False` avoids it); under fp16 the GradScaler decides instead.
+    was skipped because the gradients were not finite. Who decides that: under fp16 the
+    GradScaler; under DeepSpeed its engine, which has already stepped (or skipped) inside
+    `accelerator.backward`, clipping to the JSON's `gradient_clipping` (ZeRO skips non-finite
+    steps in bf16 and fp32 too); otherwise this function, by reading the gradient norm, one host
+    synchronisation per optimizer step (`skip_nonfinite=False` avoids it).
     """
     loss = forward_loss(unet, batch, noise_scheduler, scaling_factor, conditioning_dropout_prob)
     accelerator.backward(loss)
-    if accelerator.sync_gradients:
-        norm = accelerator.clip_grad_norm_(unet.parameters(), max_grad_norm)
-        own_check = skip_nonfinite and accelerator.scaler is None and norm is not None
+    deepspeed = is_deepspeed(accelerator)
+    others_decide = deepspeed or accelerator.scaler is not None
+    if accelerator.sync_gradients and not deepspeed:
+        norm = accelerator.clip_grad_norm_(unet.parameters(), max_grad_norm)  # unscales first under fp16
+        own_check = skip_nonfinite and not others_decide
         if own_check and not torch.isfinite(norm).item():  # the same on every rank: grads are all-reduced
             optimizer.zero_grad(set_to_none=True)
             return loss.detach(), True
-    optimizer.step()  # accelerate's wrapper only steps on the micro-batch that syncs
-    skipped = accelerator.sync_gradients and accelerator.scaler is not None and optimizer.step_was_skipped
+    optimizer.step()  # accelerate's wrapper only steps on the micro-batch that syncs (a no-op under DeepSpeed)
+    skipped = accelerator.sync_gradients and others_decide and optimizer.step_was_skipped
     optimizer.zero_grad(set_to_none=True)
     return loss.detach(), bool(skipped)
+
+
+def is_deepspeed(accelerator) -> bool:
+    return accelerator.distributed_type.value == "DEEPSPEED"

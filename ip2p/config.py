@@ -58,7 +58,9 @@ class TrainConfig:
                                              "at each validation (see convert_to_hf_dataset.py --val_fraction)")
     max_heldout_samples: int = _f(64, "(kit) held-out pairs used for the held-out loss")
     resolution: int = _f(256, "training resolution; images are resized keeping their aspect ratio, then cropped")
-    center_crop: bool = _f(False, "center crop instead of a random crop")
+    center_crop: bool = _f(False, "center crop instead of a random crop; the random crop is drawn once per sample "
+                                  "from --seed and kept for the whole run (the latent cache stores it), "
+                                  "not drawn again each epoch")
     random_flip: bool = _f(False, "flip the input and edited images together, half of the time")
     crops_coords_top_left_h: int = _f(0, "accepted for compatibility; the real crop is used instead")
     crops_coords_top_left_w: int = _f(0, "accepted for compatibility; the real crop is used instead")
@@ -79,9 +81,12 @@ class TrainConfig:
     learning_rate: float = _f(1e-4, "initial learning rate (after warmup)")
     scale_lr: bool = _f(False, "multiply the learning rate by the global batch size")
     lr_scheduler: str = _f("constant", "linear, cosine, cosine_with_restarts, polynomial, constant, constant_with_warmup")
-    lr_warmup_steps: int = _f(500, "warmup length in optimizer steps")
+    lr_warmup_steps: int = _f(500, "warmup length in optimizer steps (ignored by the constant schedule, with a "
+                                   "warning: use constant_with_warmup)")
     conditioning_dropout_prob: Optional[float] = _f(
-        None, "InstructPix2Pix dropout p: p text only, p both, p image only (the paper uses 0.05)")
+        None, "InstructPix2Pix dropout p: p text only, p both, p image only (the paper uses 0.05, as every recipe "
+              "here); unset, the unconditional branches that inference's guidance needs are never trained (a warning "
+              "says so)")
     use_8bit_adam: bool = _f(False, "bitsandbytes 8-bit AdamW (CUDA)")
     allow_tf32: bool = _f(False, "allow TF32 matmuls and convolutions on Ampere and newer")
     use_ema: bool = _f(False, "keep an EMA of the UNet; used for validation and the final save")
@@ -219,3 +224,17 @@ def validate(cfg: TrainConfig) -> None:
     if cfg.hub_token and cfg.report_to in ("wandb", "all"):
         raise UserError("--hub_token with --report_to wandb would expose the token; use `hf auth login` "
                         "or the HF_TOKEN environment variable instead")
+
+
+def silent_default_warnings(cfg: TrainConfig) -> list[str]:
+    """Settings that are valid but rarely what is meant, each as one warning line."""
+    found = []
+    if cfg.conditioning_dropout_prob is None:
+        found.append("--conditioning_dropout_prob is not set, so the model never trains without the instruction or "
+                     "without the photo; the classifier-free guidance inference uses (--guidance_scale > 1, "
+                     "--image_guidance_scale >= 1) needs both unconditional branches: pass "
+                     "--conditioning_dropout_prob 0.05 (the paper's value; every recipe in configs/ sets it)")
+    if cfg.lr_scheduler == "constant" and cfg.lr_warmup_steps > 0:
+        found.append(f"--lr_warmup_steps {cfg.lr_warmup_steps} is ignored by --lr_scheduler constant; pass "
+                     "--lr_scheduler constant_with_warmup to warm up, or --lr_warmup_steps 0")
+    return found

@@ -257,6 +257,17 @@ def make_dataloader(pairs, batch_size: int, num_workers: int, seed: int, pin_mem
     return loader, sampler
 
 
+def repeats_per_epoch(num_samples: int, batch_size: int, num_processes: int) -> int:
+    """Samples served twice in an epoch. With one process the last micro-batch is short; with N,
+    accelerate gives every process the same number of full micro-batches (a process with one less
+    would stall the others' gradient all-reduce), topping the last round up from the start of the
+    epoch's order: up to N x B - 1 samples repeat, once each."""
+    if num_processes == 1:
+        return 0
+    per_round = batch_size * num_processes
+    return -(-num_samples // per_round) * per_round - num_samples
+
+
 def steps_per_epoch(num_batches: int, gradient_accumulation_steps: int) -> int:
     """Optimizer steps in one epoch: a short last accumulation still makes a step."""
     return math.ceil(num_batches / gradient_accumulation_steps)

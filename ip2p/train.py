@@ -14,6 +14,7 @@ import dataclasses
 import functools
 import math
 import os
+import sys
 import time
 from pathlib import Path
 
@@ -22,8 +23,8 @@ from tqdm.auto import tqdm
 
 from ip2p import checkpoint as ckpt
 from ip2p.cache import cached_batch
-from ip2p.config import TrainConfig, to_dict, write_resolved
-from ip2p.dataset import TrainPairs, load_splits, make_dataloader, steps_per_epoch
+from ip2p.config import TrainConfig, silent_default_warnings, to_dict, write_resolved
+from ip2p.dataset import TrainPairs, load_splits, make_dataloader, repeats_per_epoch, steps_per_epoch
 from ip2p.encode import OnTheFlyEncoder
 from ip2p.errors import UserError
 from ip2p.guards import (
@@ -64,6 +65,9 @@ def train(cfg: TrainConfig) -> int:
                         "save need the whole UNet on one process); write a config with "
                         "./setup_accelerate.sh --backend deepspeed (or ddp)")
     weight_dtype = DTYPES[accelerator.mixed_precision]
+    if main:  # before anything long starts (the cache build can take hours)
+        for warning in silent_default_warnings(cfg):
+            print(f"warning: {warning}", file=sys.stderr, flush=True)
     if cfg.seed is not None:
         from accelerate.utils import set_seed
 
@@ -139,6 +143,11 @@ def train(cfg: TrainConfig) -> int:
         f"{len(hf_dataset)} pairs | {accelerator.num_processes} processes x {cfg.train_batch_size} per device x "
         f"{cfg.gradient_accumulation_steps} accumulation = {total_batch_size} per optimizer step | lr {lr:g} | "
         f"{spe} optimizer steps per epoch, {max_steps} in all ({num_epochs} epochs)")
+    repeats = repeats_per_epoch(len(train_set), cfg.train_batch_size, accelerator.num_processes)
+    if repeats:
+        accelerator.print(f"each epoch's last round of micro-batches is filled up with {repeats} samples from the "
+                          f"start of the epoch ({accelerator.num_processes} processes x {cfg.train_batch_size} "
+                          "do not divide the data): they are seen twice in that epoch")
 
     validator = Validator(cfg, parts, validation_pairs, weight_dtype) if validation_pairs else None
     dropout_p = cfg.conditioning_dropout_prob or 0.0

@@ -102,3 +102,23 @@ def test_push_to_hub_uploads_the_pipeline_but_no_checkpoint_log_or_cache(tmp_pat
     cfg = parse_config(["--output_dir", str(tmp_path), "--latent_cache_dir", str(tmp_path / "my_cache")])
     assert list(filter_repo_objects(files, ignore_patterns=hub_ignore_patterns(cfg, tmp_path))) == kept + [
         "latent_cache/abc/shard-00000.safetensors"]
+
+
+def test_silent_defaults_get_a_warning_and_the_recipes_have_none():
+    from ip2p.config import silent_default_warnings
+
+    bare = silent_default_warnings(parse_config([]))
+    assert len(bare) == 2
+    assert "--conditioning_dropout_prob is not set" in bare[0] and "guidance" in bare[0]
+    assert "--lr_warmup_steps 500 is ignored by --lr_scheduler constant" in bare[1]
+    assert silent_default_warnings(parse_config(["--conditioning_dropout_prob", "0.05", "--lr_scheduler",
+                                                 "constant_with_warmup"])) == []
+    for recipe in ("configs/sdxl_1024_8xa100.yaml", "configs/tiny_cpu.yaml"):
+        assert silent_default_warnings(parse_config(["--config", recipe])) == []
+
+
+def test_help_states_the_crop_policy():
+    from ip2p.config import build_parser
+
+    text = " ".join(build_parser().format_help().split())
+    assert "drawn once per sample from --seed and kept for the whole run" in text

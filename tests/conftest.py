@@ -8,11 +8,27 @@ os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 os.environ.setdefault("HF_HUB_DISABLE_TELEMETRY", "1")
 
 import io
+import signal
+import subprocess
 from pathlib import Path
 
 import numpy as np
 import pytest
 from PIL import Image
+
+
+def run_in_session(cmd: list, timeout: int, **kwargs) -> subprocess.CompletedProcess:
+    """A command in its own session, its output captured as text; past `timeout` its whole process
+    group (a launcher, the trainer under it, DataLoader workers) is killed and the test fails."""
+    proc = subprocess.Popen([str(c) for c in cmd], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            start_new_session=True, **kwargs)
+    try:
+        out, err = proc.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        out, err = proc.communicate()
+        raise AssertionError(f"{cmd[:3]} ran past {timeout} s:\n{out[-3000:]}\n{err[-3000:]}") from None
+    return subprocess.CompletedProcess(proc.args, proc.returncode, out, err)
 
 
 def png_bytes(array: np.ndarray) -> bytes:

@@ -9,7 +9,6 @@ first optimizer step; DeepSpeed's own overflow check decides instead and the ski
 
 import json
 import os
-import signal
 import subprocess
 import sys
 import textwrap
@@ -17,6 +16,7 @@ from pathlib import Path
 
 import pytest
 
+from conftest import run_in_session
 from test_distributed import free_port
 from test_train_e2e import metrics
 
@@ -28,19 +28,11 @@ ROOT = Path(__file__).resolve().parents[1]
 def launch(config: Path, script: Path, *args, timeout=900) -> str:
     """`accelerate launch` with a DeepSpeed config, as train.sh does on a GPU node."""
     env = {k: v for k, v in os.environ.items() if k != "ACCELERATE_USE_CPU"}
-    env["PYTHONUNBUFFERED"] = "1"
-    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(config),
-           "--main_process_port", str(free_port()), str(script), *map(str, args)]
-    proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                            start_new_session=True)
-    try:
-        out, _ = proc.communicate(timeout=timeout)
-    except subprocess.TimeoutExpired:
-        os.killpg(proc.pid, signal.SIGKILL)
-        proc.communicate()
-        raise
-    assert proc.returncode == 0, out[-4000:]
-    return out
+    proc = run_in_session([sys.executable, "-m", "accelerate.commands.launch", "--config_file", config,
+                           "--main_process_port", free_port(), script, *args], timeout, cwd=ROOT,
+                          env={**env, "PYTHONUNBUFFERED": "1"})
+    assert proc.returncode == 0, (proc.stdout + proc.stderr)[-4000:]
+    return proc.stdout + proc.stderr
 
 
 @pytest.fixture(scope="module")

@@ -40,6 +40,25 @@ def unet_weights(out: Path) -> dict:
     return load_file(out / "unet" / "diffusion_pytorch_model.safetensors")
 
 
+# Records the order of EMAModel's calls and prints it at exit.
+EMA_SPY = """
+    import atexit
+    from diffusers.training_utils import EMAModel
+    events, real = [], (EMAModel.to, EMAModel.load_state_dict, EMAModel.step)
+    def to(self, device=None, dtype=None, non_blocking=False):
+        events.append(f"to:{device}")
+        return real[0](self, device, dtype, non_blocking)
+    def load_state_dict(self, state_dict):
+        events.append("load")
+        return real[1](self, state_dict)
+    def step(self, parameters):
+        events.append("step")
+        return real[2](self, parameters)
+    EMAModel.to, EMAModel.load_state_dict, EMAModel.step = to, load_state_dict, step
+    atexit.register(lambda: print("EMA calls:", " ".join(events)))
+"""
+
+
 def test_resumed_run_is_bit_identical_to_an_unbroken_one(tiny_sdxl, tiny_pairs, tmp_path):
     # dropout, random flips and EMA on; 10 pairs, batch 4, accumulation 2: the break falls mid-epoch
     extra = ["--max_train_steps", 6, "--gradient_accumulation_steps", 2, "--use_ema", "--report_to", "none",
@@ -49,41 +68,19 @@ def test_resumed_run_is_bit_identical_to_an_unbroken_one(tiny_sdxl, tiny_pairs, 
     half = extra.copy()
     half[1] = 3
     run_train(*tiny_args(tiny_sdxl, tiny_pairs, broken, *half))
-    run_train(*tiny_args(tiny_sdxl, tiny_pairs, broken, *extra, "--resume_from_checkpoint", "latest"))
+    resumed = start_patched(tmp_path, EMA_SPY, tiny_args(tiny_sdxl, tiny_pairs, broken, *extra,
+                                                         "--resume_from_checkpoint", "latest"))
+    code, log = finish(resumed)
+    assert code == 0, log[-3000:]
     a, b = unet_weights(whole), unet_weights(broken)
     assert a.keys() == b.keys() and all(a[k].equal(b[k]) for k in a)
     assert [m["loss"] for m in metrics(whole)] == [m["loss"] for m in metrics(broken)]
 
-
-def test_the_ema_goes_to_the_device_after_a_resume_has_loaded_it(tiny_sdxl, tiny_pairs, tmp_path):
-    """accelerate's load_state loads registered objects to the CPU (map_location="cpu") and
-    EMAModel.load_state_dict keeps what it is given: an EMA moved to the GPU before the load ends up
-    with CPU shadows and the first ema.step after a resume mixes devices (a crash on CUDA). On a CPU
-    the devices are the same, so the order of the calls is checked: load, then to(device), then the
-    first step. tests/gpu/ runs the resume itself on CUDA."""
-    out = tmp_path / "run"
-    extra = ["--use_ema", "--report_to", "none", "--checkpointing_steps", 1]
-    run_train(*tiny_args(tiny_sdxl, tiny_pairs, out, *extra, "--max_train_steps", 1))
-    spy = """
-        import atexit
-        from diffusers.training_utils import EMAModel
-        events, real = [], (EMAModel.to, EMAModel.load_state_dict, EMAModel.step)
-        def to(self, device=None, dtype=None, non_blocking=False):
-            events.append(f"to:{device}")
-            return real[0](self, device, dtype, non_blocking)
-        def load_state_dict(self, state_dict):
-            events.append("load")
-            return real[1](self, state_dict)
-        def step(self, parameters):
-            events.append("step")
-            return real[2](self, parameters)
-        EMAModel.to, EMAModel.load_state_dict, EMAModel.step = to, load_state_dict, step
-        atexit.register(lambda: print("EMA calls:", " ".join(events)))
-    """
-    proc = start_patched(tmp_path, spy, tiny_args(tiny_sdxl, tiny_pairs, out, *extra, "--max_train_steps", 2,
-                                                  "--resume_from_checkpoint", "latest"))
-    code, log = finish(proc)
-    assert code == 0, log[-3000:]
+    # accelerate's load_state loads registered objects to the CPU (map_location="cpu") and
+    # EMAModel.load_state_dict keeps what it is given: an EMA moved to the GPU before the load had
+    # CPU shadows, and the first ema.step after a resume mixed devices (a crash on CUDA). On a CPU
+    # the devices are the same, so the order of the calls is checked: load, then to(device), then
+    # the first step. tests/gpu/ runs the resume itself on CUDA.
     events = log.split("EMA calls:")[1].split("\n")[0].split()
     load, first_step = events.index("load"), events.index("step")
     moves = [i for i, e in enumerate(events) if e == "to:cpu"]

@@ -4,3 +4,7 @@ The package holds every stage's logic; the top-level scripts only parse argument
 """
 
 __version__ = "0.1.0"
+
+from ip2p.quiet import install as _quiet_third_party
+
+_quiet_third_party()  # before any stage imports the libraries whose start-up messages it drops

@@ -80,6 +80,9 @@ def resolve_resume(resume: str | None, output_dir: str | Path) -> Path | None:
     path = Path(resume)
     if not path.exists() and (Path(output_dir) / resume).exists():
         path = Path(output_dir) / resume  # diffusers accepts a bare folder name inside output_dir
+    if not path.exists():
+        raise UserError(f"--resume_from_checkpoint {resume} does not exist (nor {Path(output_dir) / resume}); "
+                        "pass a checkpoint-N folder or 'latest'")
     if not is_checkpoint(path):
         raise UserError(f"--resume_from_checkpoint {resume} is not a checkpoint folder "
                         f"(no {STATE_FILE}); pass a checkpoint-N folder or 'latest'")

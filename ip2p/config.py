@@ -121,7 +121,9 @@ class TrainConfig:
     # --- output, logging, checkpoints
     output_dir: str = _f("instruct-pix2pix-model", "checkpoints, logs, validation images and the final pipeline")
     logging_dir: str = _f("logs", "tracker folder, relative to --output_dir")
-    report_to: str = _f("tensorboard", "tensorboard, wandb, all or none")
+    report_to: str = _f("tensorboard", "the tracker: any accelerate supports (tensorboard, wandb, comet_ml, "
+                                       "mlflow, aim, clearml, dvclive, swanlab, trackio), several comma-separated, "
+                                       "all (every installed one) or none; one not installed is an error at start")
     tracker_project_name: str = _f("instruct-pix2pix-xl", "(kit) tracker project / run group name")
     logging_steps: int = _f(1, "(kit) log loss, lr and samples/s every N optimizer steps; reading the loss "
                                "waits for the GPU, so large runs may log less often")
@@ -219,11 +221,12 @@ def validate(cfg: TrainConfig) -> None:
         raise UserError("--max_train_steps must be at least 1")
     if cfg.dataloader_num_workers < 0:
         raise UserError("--dataloader_num_workers must be 0 or more")
-    if cfg.report_to not in ("tensorboard", "wandb", "all", "none"):
-        raise UserError(f"--report_to {cfg.report_to!r}: choose tensorboard, wandb, all or none")
-    if cfg.hub_token and cfg.report_to in ("wandb", "all"):
+    if cfg.hub_token and ("wandb" in cfg.report_to or cfg.report_to == "all"):
         raise UserError("--hub_token with --report_to wandb would expose the token; use `hf auth login` "
                         "or the HF_TOKEN environment variable instead")
+    from ip2p.hub import check_trackers  # imports accelerate: after the cheap checks
+
+    check_trackers(cfg.report_to)
 
 
 def silent_default_warnings(cfg: TrainConfig) -> list[str]:

@@ -10,6 +10,7 @@ so a sample is the same whatever the number of workers and after a resume.
 
 from __future__ import annotations
 
+import io
 import math
 import random
 import sys
@@ -85,6 +86,40 @@ def check_columns(columns: list[str], cfg) -> None:
         if name not in columns:
             raise UserError(f"--{flag} {name!r} is not a column of the dataset; its columns are: "
                             f"{', '.join(columns)}")
+
+
+def short_sides(ds, column: str, n: int = 64) -> list[int]:
+    """The short side of the input photo of up to `n` evenly spaced rows, from the image headers
+    (nothing is decoded); unreadable ones are left out (training replaces them and says so)."""
+    import datasets
+
+    rows = ds.select_columns([column])
+    if isinstance(rows.features[column], datasets.Image):
+        rows = rows.cast_column(column, datasets.Image(decode=False))
+    k = min(n, len(ds))
+    picks = sorted({round(i * (len(ds) - 1) / max(1, k - 1)) for i in range(k)})
+    sides = []
+    for value in rows.select(picks)[column]:
+        source = value.get("bytes") or value.get("path") if isinstance(value, dict) else value
+        try:
+            with Image.open(io.BytesIO(source) if isinstance(source, bytes) else source) as image:
+                sides.append(min(image.size))
+        except UNREADABLE:
+            continue
+    return sides
+
+
+def upscale_warning(ds, cfg, n: int = 64) -> str | None:
+    """A warning when most training photos are smaller than --resolution: they would be upscaled
+    without a word, and the model would learn blurry edits."""
+    sides = short_sides(ds, cfg.original_image_column, n)
+    small = [s for s in sides if s < cfg.resolution]
+    if not sides or len(small) * 2 <= len(sides):
+        return None
+    median = sorted(sides)[len(sides) // 2]
+    return (f"{len(small)} of {len(sides)} sampled training photos have a short side below --resolution "
+            f"{cfg.resolution} (median {median} px): they are upscaled to it; train at a --resolution near "
+            f"{median} or with larger photos")
 
 
 def resize_and_crop(

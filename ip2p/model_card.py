@@ -13,13 +13,22 @@ def changed_flags(cfg: TrainConfig) -> dict:
     return {k: v for k, v in to_dict(cfg).items() if defaults.get(k) != v and k != "config"}
 
 
+def where(name_or_path: str | None) -> str | None:
+    """A hub id as it is; a local folder as its absolute path (a relative one means nothing to a
+    reader of the card elsewhere)."""
+    if name_or_path and Path(name_or_path).expanduser().exists():
+        return str(Path(name_or_path).expanduser().resolve())
+    return name_or_path
+
+
 def render_model_card(cfg: TrainConfig, state, num_samples: int, validation_grid: str | None) -> str:
-    data = cfg.data_dir or cfg.dataset_name or cfg.train_data_dir
+    data = where(cfg.data_dir or cfg.dataset_name or cfg.train_data_dir)
+    base = where(cfg.pretrained_model_name_or_path)
     flags = "\n".join(f"| `--{k}` | `{v}` |" for k, v in changed_flags(cfg).items())
     grid = f"\n## Last validation\n\n![validation]({validation_grid})\n" if validation_grid else ""
     return f"""---
 license: openrail++
-base_model: {cfg.pretrained_model_name_or_path}
+base_model: {base}
 library_name: diffusers
 pipeline_tag: image-to-image
 tags:
@@ -31,12 +40,12 @@ tags:
 
 # InstructPix2Pix on SDXL
 
-An instruction-based image editor fine-tuned from `{cfg.pretrained_model_name_or_path}` with the
+An instruction-based image editor fine-tuned from `{base}` with the
 InstructPix2Pix method (Brooks et al. 2023).
 
 | | |
 |---|---|
-| base model | `{cfg.pretrained_model_name_or_path}` |
+| base model | `{base}` |
 | data | `{data}` ({num_samples} training pairs) |
 | optimizer steps | {state.global_step} |
 | optimizer steps skipped (non-finite gradients) | {state.skipped_steps} |

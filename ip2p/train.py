@@ -13,7 +13,6 @@ from __future__ import annotations
 import dataclasses
 import functools
 import math
-import os
 import sys
 import time
 from pathlib import Path
@@ -24,7 +23,14 @@ from tqdm.auto import tqdm
 from ip2p import checkpoint as ckpt
 from ip2p.cache import cached_batch
 from ip2p.config import TrainConfig, silent_default_warnings, to_dict, write_resolved
-from ip2p.dataset import TrainPairs, load_splits, make_dataloader, repeats_per_epoch, steps_per_epoch
+from ip2p.dataset import (
+    TrainPairs,
+    load_splits,
+    make_dataloader,
+    repeats_per_epoch,
+    steps_per_epoch,
+    upscale_warning,
+)
 from ip2p.encode import OnTheFlyEncoder
 from ip2p.errors import UserError
 from ip2p.guards import (
@@ -35,6 +41,7 @@ from ip2p.guards import (
     checkpoint_bytes_estimate,
 )
 from ip2p.heldout import encode_heldout, heldout_losses
+from ip2p.hub import check_hub_access, push_to_hub
 from ip2p.models import load_parts, vae_scale_factor
 from ip2p.model_card import write_model_card
 from ip2p.step import train_micro_step
@@ -74,10 +81,13 @@ def train(cfg: TrainConfig) -> int:
         set_seed(cfg.seed, device_specific=True)  # different noise on each rank, reproducible
 
     # --- models, data, validation inputs (all user errors surface here, before anything is written)
+    hub_repo = check_hub_access(cfg, output_dir) if cfg.push_to_hub and main else None
     validation_pairs = load_validation_pairs(cfg)
     resume_path = ckpt.resolve_resume(cfg.resume_from_checkpoint, output_dir)
     with accelerator.main_process_first():
         hf_dataset, heldout_dataset = load_splits(cfg)
+    if main and (warning := upscale_warning(hf_dataset, cfg)):
+        print(f"warning: {warning}", file=sys.stderr, flush=True)
     parts = load_parts(cfg)
     prepare_models(parts, cfg, device, weight_dtype)
     pairs = TrainPairs(hf_dataset, cfg, (parts.tokenizer, parts.tokenizer_2))
@@ -237,9 +247,9 @@ def train(cfg: TrainConfig) -> int:
     accelerator.wait_for_everyone()
     accelerator.end_training()
     if main:
-        if cfg.push_to_hub:  # after the teardown: an upload may outlast a collective's timeout
-            push_to_hub(cfg, output_dir)
-        accelerator.print(f"saved the InstructPix2Pix pipeline to {output_dir}")
+        accelerator.print(f"saved the InstructPix2Pix pipeline to {output_dir.resolve()}")
+        if hub_repo:  # after the teardown: an upload may outlast a collective's timeout
+            return push_to_hub(cfg, output_dir, hub_repo)
     return 0
 
 
@@ -322,23 +332,3 @@ def save_pipeline(cfg: TrainConfig, parts, unet, ema, output_dir: Path) -> None:
         vae=parts.vae, text_encoder=parts.text_encoder, text_encoder_2=parts.text_encoder_2,
         tokenizer=parts.tokenizer, tokenizer_2=parts.tokenizer_2, unet=unet, scheduler=scheduler)
     pipeline.save_pretrained(output_dir, safe_serialization=True)
-
-
-def push_to_hub(cfg: TrainConfig, output_dir: Path) -> None:
-    """Upload the pipeline, the model card and the validation grids; never checkpoints or logs."""
-    from huggingface_hub import create_repo, upload_folder
-
-    token = cfg.hub_token or os.environ.get("HF_TOKEN")
-    repo_id = create_repo(cfg.hub_model_id or output_dir.name, exist_ok=True, token=token).repo_id
-    upload_folder(repo_id=repo_id, folder_path=str(output_dir), token=token,
-                  commit_message="InstructPix2Pix SDXL", ignore_patterns=hub_ignore_patterns(cfg, output_dir))
-
-
-def hub_ignore_patterns(cfg: TrainConfig, output_dir: Path) -> list[str]:
-    """Checkpoints (tens of GB each, diffusers uploads them), logs, temporary folders and the
-    latent cache when it lives inside the output folder."""
-    patterns = ["checkpoint-*", "checkpoint-*/**", "logs/**", "*.tmp", "*.tmp/**", ".*", ".*/**"]
-    cache = Path(cfg.latent_cache_dir or output_dir / "latent_cache").absolute()
-    if cache.is_relative_to(output_dir.absolute()):
-        patterns.append(f"{cache.relative_to(output_dir.absolute()).as_posix()}/**")
-    return patterns

@@ -14,6 +14,7 @@ import torch
 from ip2p.cache import CachedPairs, LatentCache, build_cache, cache_key
 from ip2p.config import TrainConfig
 from ip2p.errors import UserError
+from ip2p.hub import requested_trackers
 from ip2p.method import expand_conv_in
 
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16, "no": torch.float32}
@@ -23,7 +24,7 @@ def make_accelerator(cfg: TrainConfig):
     from accelerate import Accelerator
     from accelerate.utils import DataLoaderConfiguration, ProjectConfiguration
 
-    log_with = None if cfg.report_to == "none" else cfg.report_to
+    log_with = requested_trackers(cfg.report_to) or None
     return Accelerator(
         gradient_accumulation_steps=cfg.gradient_accumulation_steps,
         mixed_precision=cfg.mixed_precision,

@@ -88,7 +88,7 @@ def test_bad_flag_values_are_user_errors(argv, message):
 def test_push_to_hub_uploads_the_pipeline_but_no_checkpoint_log_or_cache(tmp_path):
     from huggingface_hub.utils import filter_repo_objects
 
-    from ip2p.train import hub_ignore_patterns
+    from ip2p.hub import hub_ignore_patterns
 
     files = ["model_index.json", "unet/diffusion_pytorch_model.safetensors", "README.md", "validation/step-6.png",
              "training_config.yaml", "checkpoint-500/optimizer.bin", "checkpoint-500/model.safetensors",

@@ -118,6 +118,11 @@ def test_workers_do_not_change_the_losses(tiny_sdxl, tiny_pairs, tmp_path):
     (["--edit_prompt_column", "instruction"], "'instruction' is not a column of the dataset; its columns are: input_image, edit_prompt, edited_image"),
     (["--resolution", "100"], "multiple of 8"),
     (["--resume_from_checkpoint", "/tmp"], "not a checkpoint folder"),
+    (["--resume_from_checkpoint", "/nonexistent/checkpoint-5"], "does not exist"),
+    (["--push_to_hub"], "--push_to_hub needs the network, but HF_HUB_OFFLINE is set"),  # conftest: offline
+    (["--report_to", "comet_ml"], "--report_to comet_ml: the comet_ml package is not installed"),
+    (["--report_to", "tensorboard,wandb"], "--report_to wandb: the wandb package is not installed"),
+    (["--report_to", "tensorbored"], "'tensorbored' is not a tracker accelerate supports"),
 ])
 def test_bad_input_is_one_line_exit_2_and_nothing_written(tiny_sdxl, tiny_pairs, tmp_path, extra, message, capsys):
     from train_instruct_pix2pix_sdxl import main

@@ -191,8 +191,8 @@ def build_report(
     options: ConvertOptions, plan: Plan, counts: dict, seconds: float, files: list
 ) -> dict:
     return {
-        "data_dir": str(options.data_path.absolute()),
-        "output_dir": str(options.output_path),
+        "data_dir": str(options.data_path.resolve()),
+        "output_dir": str(options.output_path.resolve()),
         "layout": plan.layout,
         "source": plan.source,
         "columns": plan.columns,
@@ -241,7 +241,7 @@ def convert(options: ConvertOptions) -> dict:
         jobs = make_jobs(plan, features.arrow_schema, staging, work, options)
         results = run_jobs(jobs, options.num_proc, plan.expected_records)
         report = finish(staging, work, options, plan, features, results, start)
-    print(summary(report, dst), flush=True)
+    print(summary(report, dst.resolve()), flush=True)
     return report
 
 

@@ -1,19 +1,20 @@
 """The throughput benchmark runs on the CPU with the tiny model (figures are not asserted: no timed tests)."""
 
 import json
-import subprocess
 import sys
 from pathlib import Path
+
+from conftest import run_in_session
 
 ROOT = Path(__file__).resolve().parents[1]
 
 
 def test_throughput_benchmark_tiny_prints_one_row_per_variant(tmp_path):
     out = tmp_path / "rows.jsonl"
-    proc = subprocess.run(
+    proc = run_in_session(
         [sys.executable, "benchmarks/throughput.py", "--tiny", "--steps", "2", "--warmup", "1", "--num_samples", "8",
          "--variants", "cache,cache+8bit,on_the_fly", "--loader_workers", "0", "--output_json", str(out)],
-        cwd=ROOT, capture_output=True, text=True, timeout=600)
+        timeout=600, cwd=ROOT)
     assert proc.returncode == 0, proc.stderr[-3000:]
     rows = {r["variant"]: r for r in map(json.loads, out.read_text().splitlines())}
     assert set(rows) == {"cache_build", "cache", "cache+8bit", "on_the_fly", "cache_loader_only"}

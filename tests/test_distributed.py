@@ -7,6 +7,8 @@ import socket
 import subprocess
 from pathlib import Path
 
+from conftest import run_in_session
+
 ROOT = Path(__file__).resolve().parents[1]
 
 
@@ -18,8 +20,7 @@ def free_port() -> int:
 
 def train_sh(*args, processes=1) -> subprocess.CompletedProcess:
     env = dict(os.environ, CPU_PROCESSES=str(processes), MAIN_PROCESS_PORT=str(free_port()), PYTHONUNBUFFERED="1")
-    proc = subprocess.run(["bash", str(ROOT / "train.sh"), *map(str, args)], cwd=ROOT, env=env,
-                          capture_output=True, text=True, timeout=900)
+    proc = run_in_session(["bash", ROOT / "train.sh", *args], timeout=900, cwd=ROOT, env=env)
     assert proc.returncode == 0, proc.stderr[-4000:]
     return proc
 

@@ -6,13 +6,13 @@ here is the same script, smaller, and asserts only what a few CPU minutes reliab
 
 import json
 import shutil
-import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 import torch
 
+from conftest import run_in_session
 from ip2p.learning import (copy_prior_estimate, denoised_verdict, edit_errors, edit_verdict, fit_vae,
                            heldout_verdict, to_tensor)
 from ip2p.sample_data import make_pairs
@@ -101,9 +101,9 @@ def test_learning_check_short_run_uses_the_instruction_and_the_photo(tmp_path):
     it; and every measurement is worse with the wrong instruction, by 2-7% (the 12,000-step
     benchmark shows +226%). The instruction is asserted by direction, the rest by margin."""
     out = tmp_path / "check"
-    proc = subprocess.run(
-        [sys.executable, "benchmarks/learning_check.py", "--output_dir", str(out), *SHORT_RUN],
-        cwd=ROOT, capture_output=True, text=True, timeout=1800)
+    # its own session: a timeout ends the benchmark and the trainer it started, not only the first
+    proc = run_in_session([sys.executable, "benchmarks/learning_check.py", "--output_dir", out, *SHORT_RUN],
+                          timeout=1800, cwd=ROOT)
     assert proc.returncode == 0, proc.stderr[-3000:]
     summary = json.loads((out / "learning_check.json").read_text())
     assert [row["step"] for row in summary["heldout_curve"]] == [400, 800, 1200]

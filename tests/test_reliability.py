@@ -28,11 +28,18 @@ def start_patched(tmp_path, patch: str, argv: list) -> subprocess.Popen:
         sys.exit(main({[str(a) for a in argv]!r}))
     """))
     return subprocess.Popen([sys.executable, str(script)], cwd=ROOT, stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True, env=dict(os.environ, PYTHONUNBUFFERED="1"))
+                            stderr=subprocess.PIPE, text=True, env=dict(os.environ, PYTHONUNBUFFERED="1"),
+                            start_new_session=True)
 
 
 def finish(proc: subprocess.Popen, timeout=600) -> tuple[int, str]:
-    out, err = proc.communicate(timeout=timeout)
+    """Its exit code and output; past `timeout` its whole process group is killed and the test fails."""
+    try:
+        out, err = proc.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        out, err = proc.communicate()
+        raise AssertionError(f"the trainer ran past {timeout} s:\n{(out + err)[-3000:]}") from None
     return proc.returncode, out + err
 
 

@@ -8,6 +8,8 @@ from pathlib import Path
 
 import pytest
 
+from conftest import run_in_session
+
 ROOT = Path(__file__).resolve().parents[1]
 GOLDEN = Path(__file__).parent / "golden" / "tiny_cpu_losses.json"
 
@@ -15,7 +17,7 @@ GOLDEN = Path(__file__).parent / "golden" / "tiny_cpu_losses.json"
 def run_train(*args, check=True) -> subprocess.CompletedProcess:
     cmd = [sys.executable, str(ROOT / "train_instruct_pix2pix_sdxl.py"), *map(str, args)]
     env = dict(os.environ, PYTHONUNBUFFERED="1")
-    proc = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, env=env, timeout=600)
+    proc = run_in_session(cmd, timeout=600, cwd=ROOT, env=env)  # a timeout ends DataLoader workers too
     if check and proc.returncode != 0:
         raise AssertionError(f"training failed ({proc.returncode}):\n{proc.stderr[-4000:]}")
     return proc

@@ -13,6 +13,8 @@
 #   (DeepSpeed only), --output PATH (configs/accelerate/default.yaml).
 # It prints the file and the train.sh line to use. Under SLURM, train.sh fills in the machine
 # count, rank and main address from the allocation, so one config serves every node.
+# On a machine without a GPU it writes nothing and exits 2: train.sh needs no config on a CPU
+# (./train.sh --config configs/tiny_cpu.yaml ...); --num_gpus 0 writes a CPU config all the same.
 set -euo pipefail
 here="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
 python=${PYTHON:-python3}
@@ -22,7 +24,23 @@ output="$here/configs/accelerate/default.yaml"
 
 die() { echo "error: $*" >&2; exit 2; }
 need() { [[ $# -ge 2 && -n $2 ]] || die "$1 needs a value"; }
+flags=(--num_gpus --num_machines --machine_rank --main_process_ip --main_process_port --mixed_precision
+       --backend --offload_optimizer --output --help)
+unknown_flag() {
+  local closest
+  case $1 in  # torchrun's and SLURM's names for the same things, which spelling alone does not find
+    --nodes|--nnodes|--num_nodes) closest=--num_machines ;;
+    --gpus|--nproc_per_node|--num_processes) closest=--num_gpus ;;
+    --node_rank|--rank) closest=--machine_rank ;;
+    --master_addr) closest=--main_process_ip ;;
+    --master_port) closest=--main_process_port ;;
+    *) closest=$("$python" -c 'import difflib, sys; print(difflib.get_close_matches(sys.argv[1], sys.argv[2:], 1, 0)[0])' \
+                 "$1" "${flags[@]}" 2>/dev/null) || closest="" ;;
+  esac
+  die "unknown flag $1${closest:+; did you mean $closest?} (see ./setup_accelerate.sh --help)"
+}
 while [[ $# -gt 0 ]]; do
+  [[ $1 == --*=* ]] && set -- "${1%%=*}" "${1#*=}" "${@:2}"  # --flag=value as --flag value
   case $1 in
     --num_gpus) need "$@"; num_gpus=$2; shift 2 ;;
     --num_machines) need "$@"; num_machines=$2; shift 2 ;;
@@ -33,12 +51,16 @@ while [[ $# -gt 0 ]]; do
     --backend) need "$@"; backend=$2; shift 2 ;;
     --offload_optimizer) offload_optimizer=yes; shift ;;
     --output) need "$@"; output=$2; shift 2 ;;
-    -h|--help) sed -n '2,17p' "$0" | sed 's/^# \{0,1\}//'; exit 0 ;;
-    *) die "unknown flag $1 (see ./setup_accelerate.sh --help)" ;;
+    -h|--help) sed -n '2,/^[^#]/p' "${BASH_SOURCE[0]}" | sed '$d; s/^# \{0,1\}//'; exit 0 ;;  # the header only
+    *) unknown_flag "$1" ;;
   esac
 done
 
-[[ -z $num_gpus ]] && num_gpus=$("$python" -c 'import torch; print(torch.cuda.device_count())' 2>/dev/null || echo 0)
+gpus_given=yes
+if [[ -z $num_gpus ]]; then
+  gpus_given=no
+  num_gpus=$("$python" -c 'import torch; print(torch.cuda.device_count())' 2>/dev/null || echo 0)
+fi
 for pair in "num_gpus:$num_gpus" "num_machines:$num_machines" "machine_rank:$machine_rank" "main_process_port:$main_process_port"; do
   [[ ${pair#*:} =~ ^[0-9]+$ ]] || die "--${pair%%:*} must be a whole number, got '${pair#*:}'"
 done
@@ -49,6 +71,8 @@ case $backend in ddp|deepspeed|fsdp) ;; *) die "--backend must be ddp, deepspeed
 [[ $num_machines -eq 1 || -n $main_process_ip ]] || die "--num_machines $num_machines needs --main_process_ip (the address of the machine with rank 0)"
 [[ $main_process_port -ge 1 && $main_process_port -le 65535 ]] || die "--main_process_port must be 1-65535"
 [[ $offload_optimizer == no || $backend == deepspeed ]] || die "--offload_optimizer needs --backend deepspeed"
+# a CPU config is of no use to train.sh (it launches CPU runs itself); written only when asked for
+[[ $gpus_given == yes || $num_gpus -ge 1 ]] || die "no CUDA GPU found, and train.sh needs no accelerate config on a CPU: run ./train.sh --config configs/tiny_cpu.yaml --pretrained_model_name_or_path TINY_MODEL_DIR --data_dir DATA_DIR (--num_gpus 0 writes a CPU config anyway)"
 [[ $backend == ddp || $num_gpus -ge 1 ]] || die "--backend $backend needs GPUs, and none were found (or --num_gpus 0 was given)"
 [[ $num_gpus -ge 1 || $num_machines -eq 1 ]] || die "several machines need GPUs on each; none were found (or --num_gpus 0 was given)"
 

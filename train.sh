@@ -6,6 +6,7 @@
 #   srun ./train.sh --data_dir ./data_hf                   # in an sbatch script: every node of the allocation
 #   ./train.sh --config configs/tiny_cpu.yaml --pretrained_model_name_or_path tiny-sdxl --data_dir ./data_hf
 #                                                          # the tiny recipe, on a CPU
+#   ./train.sh --help                                      # this, then every trainer flag
 #
 # Without --config the recipe is configs/sdxl_1024_8xa100.yaml. On GPUs the launch uses the accelerate
 # config written by ./setup_accelerate.sh (configs/accelerate/default.yaml, or $ACCELERATE_CONFIG);
@@ -13,9 +14,23 @@
 # the number of machines, this node's rank and the main process's address come from the allocation
 # and override the config's. Without a GPU only a recipe given with --config runs, on the CPU:
 # CPU_PROCESSES=2 runs 2 CPU processes (gloo). TRAIN_SH_DRY_RUN=1 prints the launch command only.
+#
+# The exit code is the trainer's: 0 done; 2 a problem with the input (one error: line says which);
+# 75 stopped by SIGTERM/SIGINT after saving a checkpoint (run again with --resume_from_checkpoint
+# latest); 1 a bug (with its traceback). A SIGTERM to train.sh or to its process group reaches
+# every trainer process once.
 set -euo pipefail
 here="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
 python=${PYTHON:-python3}
+
+for arg in "$@"; do
+  if [[ $arg == -h || $arg == --help ]]; then
+    # the header above, then the trainer's flags: no GPU, model or data needed
+    sed -n '2,/^[^#]/p' "${BASH_SOURCE[0]}" | sed '$d; s/^# \{0,1\}//'
+    echo
+    exec "$python" "$here/train_instruct_pix2pix_sdxl.py" --help
+  fi
+done
 
 recipe_given=no
 for arg in "$@"; do
@@ -57,9 +72,12 @@ else
   fi
 fi
 
-cmd=("$python" -m accelerate.commands.launch "${launch[@]}" "$here/train_instruct_pix2pix_sdxl.py" "${recipe[@]}" "$@")
+# ip2p/launch.py is accelerate's launcher returning the trainer's exit code, without the launcher's
+# traceback; it runs as train.sh's own process (exec), so a signal to train.sh reaches it
+export PYTHONPATH="$here${PYTHONPATH:+:$PYTHONPATH}"
+cmd=("$python" -m ip2p.launch "${launch[@]}" "$here/train_instruct_pix2pix_sdxl.py" "${recipe[@]}" "$@")
 if [[ -n ${TRAIN_SH_DRY_RUN:-} ]]; then
-  printf '%q ' "${cmd[@]}"; echo
+  printf '%q ' PYTHONPATH="$PYTHONPATH" "${cmd[@]}"; echo
   exit 0
 fi
 exec "${cmd[@]}"

@@ -84,8 +84,7 @@ def train(cfg: TrainConfig) -> int:
     hub_repo = check_hub_access(cfg, output_dir) if cfg.push_to_hub and main else None
     validation_pairs = load_validation_pairs(cfg)
     resume_path = ckpt.resolve_resume(cfg.resume_from_checkpoint, output_dir)
-    with accelerator.main_process_first():
-        hf_dataset, heldout_dataset = load_splits(cfg)
+    hf_dataset, heldout_dataset = main_process_first(accelerator, lambda: load_splits(cfg))
     if main and (warning := upscale_warning(hf_dataset, cfg)):
         print(f"warning: {warning}", file=sys.stderr, flush=True)
     parts = load_parts(cfg)
@@ -251,6 +250,24 @@ def train(cfg: TrainConfig) -> int:
         if hub_repo:  # after the teardown: an upload may outlast a collective's timeout
             return push_to_hub(cfg, output_dir, hub_repo)
     return 0
+
+
+def main_process_first(accelerator, load):
+    """`load()` on the main process, then on the others (it may prepare files they reuse). A user
+    error on the main process still releases the others, which then meet the same error and stop
+    with it, instead of breaking on a barrier whose peer has gone."""
+    result, error = None, None
+    if accelerator.is_main_process:
+        try:
+            result = load()
+        except UserError as e:
+            error = e
+    accelerator.wait_for_everyone()
+    if not accelerator.is_main_process:
+        result = load()
+    if error is not None:
+        raise error
+    return result
 
 
 def check_replicas(accelerator, unet) -> None:

@@ -18,10 +18,10 @@ Usage examples:
 
 from __future__ import annotations
 
-import argparse
 import sys
 
-from ip2p.data import FORMATS, REASONS, ConvertOptions, convert
+from ip2p.cli_args import FlagParser
+from ip2p.data import REASONS, ConvertOptions, convert
 from ip2p.errors import cli
 
 LAYOUTS = (
@@ -69,69 +69,14 @@ exit codes: 0 done; 2 a problem with the input or flags (one line on stderr, not
 )
 
 
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
-        description="Edit pairs -> an HF dataset with input_image, edit_prompt, edited_image.",
-        formatter_class=argparse.RawDescriptionHelpFormatter,
-        epilog=LAYOUTS,
-    )
-    parser.add_argument(
-        "--data_dir",
-        required=True,
-        help="the source: a folder, a manifest file, or (--format hf) a dataset id",
-    )
-    parser.add_argument(
-        "--output_dir",
-        required=True,
-        help="where the dataset is written; must not exist unless --overwrite",
-    )
-    parser.add_argument(
-        "--format", choices=FORMATS, default="auto", help="source layout (default: detect)"
-    )
-    parser.add_argument(
-        "--original_image_column",
-        help="source column of the input image (default: input_image or an alias)",
-    )
-    parser.add_argument(
-        "--edit_prompt_column",
-        help="source column of the instruction (default: edit_prompt or an alias)",
-    )
-    parser.add_argument(
-        "--edited_image_column",
-        help="source column of the edited image (default: edited_image or an alias)",
-    )
-    parser.add_argument("--split", help="HF DatasetDict split to convert (default: train)")
-    parser.add_argument(
-        "--num_proc",
-        type=int,
-        default=1,
-        help="worker processes that read and check images (default: 1)",
-    )
-    parser.add_argument(
-        "--max_samples", type=int, help="convert only the first N records (in a stable order)"
-    )
-    parser.add_argument(
-        "--val_fraction",
-        type=float,
-        default=0.0,
-        help="set aside this share of the pairs as a 'validation' split (the trainer logs its "
-        "held-out loss); the output is then a DatasetDict with train and validation",
-    )
-    parser.add_argument(
-        "--val_seed", type=int, default=0, help="which pairs are held out (default: 0)"
-    )
-    parser.add_argument(
-        "--overwrite",
-        action="store_true",
-        help="replace an existing --output_dir once the new one is complete",
-    )
-    return parser
+def build_parser() -> FlagParser:
+    return FlagParser(ConvertOptions, "convert_to_hf_dataset.py", epilog=LAYOUTS,
+                      description="Edit pairs -> an HF dataset with input_image, edit_prompt, edited_image.")
 
 
 @cli
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
-    convert(ConvertOptions(**vars(args)))
+    convert(build_parser().parse(argv))
     return 0
 
 

@@ -17,8 +17,9 @@ that is already in the Hugging Face cache.
 
 Writes OUT/metrics.json (the mean of each metric per image-guidance value, the settings, the split
 and columns used), OUT/per_sample.jsonl (one row per sample and setting), OUT/images/igs_<v>/
-<index>.png (every output), OUT/tradeoff.png (x: CLIP image similarity to the input, y: CLIP
-directional similarity, or text-image similarity without captions; one point per value) and
+<index>.png (every output), OUT/tradeoff.png (x: how well the edit is followed, CLIP directional
+similarity, or text-image similarity without captions; y: how much of the photo is kept, CLIP
+image similarity to the input; one point per value) and
 OUT/grid.png (a few samples: input, each setting's output, the ground truth).
 
 Metrics: l1 and l2 (mean absolute / squared pixel difference to the ground truth in [0, 1], the
@@ -36,13 +37,16 @@ import sys
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")  # local folders and the local cache only
 
+from ip2p.cli_args import EvaluateArgs, FlagParser  # noqa: E402
 from ip2p.errors import cli  # noqa: E402
-from ip2p.evaluate import parse_args, run  # noqa: E402
 
 
 @cli
 def main(argv: list[str] | None = None) -> int:
-    return run(parse_args(argv, description=__doc__))
+    args = FlagParser(EvaluateArgs, "evaluate.py", description=__doc__).parse(argv)
+    from ip2p.evaluate import run  # torch, diffusers, transformers: only once the flags are good
+
+    return run(args)
 
 
 if __name__ == "__main__":

@@ -45,19 +45,20 @@ import sys
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")  # a local folder only; never reach for the hub
 
-from ip2p.cli_args import UserErrorParser  # noqa: E402
+from ip2p.cli_args import FlagParser, InferenceArgs  # noqa: E402
 from ip2p.errors import cli  # noqa: E402
-from ip2p.infer import InferenceArgs, run  # noqa: E402
 
 
 def parse_args(argv: list[str] | None = None) -> InferenceArgs:
-    parser = UserErrorParser(InferenceArgs, "inference.py", description=__doc__)
-    return parser.parse(argv)
+    return FlagParser(InferenceArgs, "inference.py", description=__doc__).parse(argv)
 
 
 @cli
 def main(argv: list[str] | None = None) -> int:
-    return run(parse_args(argv))
+    args = parse_args(argv)
+    from ip2p.infer import run  # torch and diffusers: only once the flags are good (--help stays instant)
+
+    return run(args)
 
 
 if __name__ == "__main__":

@@ -14,7 +14,8 @@ Every flag of diffusers' examples/instruct_pix2pix/train_instruct_pix2pix_sdxl.p
 the same meaning; `--help` lists them, the kit's additions marked "(kit)". Resume a run by running
 the same command with `--resume_from_checkpoint latest`.
 
-Exit codes: 0 done; 2 a problem with the input (one line says which); 75 stopped by SIGTERM/SIGINT
+Exit codes: 0 done; 2 a problem with the input (one line says which); 3 trained and saved, but
+the --push_to_hub upload failed (one line says how to finish it); 75 stopped by SIGTERM/SIGINT
 after saving a checkpoint of the step in progress (run again with --resume_from_checkpoint latest);
 1 a bug (with its traceback).
 """

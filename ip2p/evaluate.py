@@ -14,7 +14,7 @@ from __future__ import annotations
 import os
 import shutil
 import sys
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import numpy as np
@@ -23,53 +23,15 @@ from PIL import Image
 from tqdm.auto import tqdm
 
 from ip2p.dataset import _as_image
-from ip2p.cli_args import UserErrorParser
+from ip2p.cli_args import EvaluateArgs  # the flags live beside the parser: no torch to parse them
 from ip2p.errors import UserError
 from ip2p.eval_report import publish, results_per_setting, write_reports
 from ip2p.infer import (DTYPES, EditSettings, edit, inspect_model, load_pipeline, output_size,
                         parse_floats, pick_device)
 from ip2p.metrics import METRICS, edit_metrics, match_size
 
-DEFAULT_CLIP = "openai/clip-vit-large-patch14"  # InstructPix2Pix's ViT-L/14
 REQUIRED_COLUMNS = ("input_image", "edit_prompt", "edited_image")
 SPLIT_PREFERENCE = ("validation", "test", "train")
-
-
-def _f(default, help: str):
-    return field(default=default, metadata={"help": help})
-
-
-@dataclass
-class EvaluateArgs:
-    """Every flag of `evaluate.py` (the field name is the flag name); see its docstring."""
-
-    model_path: str = field(metadata={"help": "trained pipeline folder (trainer's --output_dir)"})
-    data_dir: str = field(metadata={"help": "held-out pairs, a folder written by "
-                                            "convert_to_hf_dataset.py (or a DatasetDict)"})
-    output_dir: str = field(metadata={"help": "new folder for metrics, images, plot and grid"})
-    clip_model_name_or_path: str = _f(DEFAULT_CLIP, "CLIP model: a local folder, or a hub id "
-                                                    "already in the Hugging Face cache")
-    split: str | None = _f(None, "split of a DatasetDict (default: validation, else test, else "
-                                 "train)")
-    max_samples: int | None = _f(None, "evaluate N pairs of the split, drawn at random with "
-                                       "--seed and kept in row order (default: all)")
-    image_guidance_scales: str = _f("1.0,1.2,1.5,1.8,2.2", "image guidance values to sweep")
-    guidance_scale: float = _f(7.5, "text guidance, fixed over the sweep (the "
-                                    "InstructPix2Pix paper's evaluation uses 7.5)")
-    num_inference_steps: int = _f(30, "denoising steps")
-    resolution: int | None = _f(None, "long side of the outputs (default: the model's "
-                                      "training_config.yaml 'resolution', else the UNet's own)")
-    seed: int = _f(0, "noise seed, the same for every sample and setting; also draws the "
-                      "--max_samples subset")
-    grid_samples: int = _f(4, "rows of grid.png (the first N samples)")
-    device: str | None = _f(None, "cuda, cuda:1, mps or cpu (default: the best available)")
-    dtype: str | None = _f(None, "fp32, fp16 or bf16 for the pipeline (CLIP runs in fp32)")
-    overwrite: bool = _f(False, "replace an existing, non-empty --output_dir")
-
-
-def parse_args(argv: list[str] | None, description: str | None = None) -> EvaluateArgs:
-    parser = UserErrorParser(EvaluateArgs, "evaluate.py", description=description)
-    return parser.parse(argv)
 
 
 def check_flags(a: EvaluateArgs) -> list[float]:

@@ -24,8 +24,6 @@ import tempfile
 import time
 from pathlib import Path
 
-import torch
-
 CONTENT_FILE = "content_fingerprint.json"
 CONVERTER_COLUMNS = ("input_image", "edit_prompt", "edited_image")  # what the converter writes
 
@@ -123,8 +121,10 @@ def dataset_fingerprint(ds, columns: tuple[str, str, str], log=print) -> str:
     return fingerprint
 
 
-def module_fingerprint(module: torch.nn.Module) -> str:
+def module_fingerprint(module) -> str:
     """Every tensor of the state dict, bytes as held (so an fp16 and an fp32 copy differ)."""
+    import torch  # here, not at the top: the converter imports this module, and its --help must be fast
+
     h = hashlib.sha256()
     for name, t in module.state_dict().items():
         t = t.detach().cpu().contiguous()

@@ -12,13 +12,14 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 from PIL import Image
 from tqdm.auto import tqdm
 
+from ip2p.cli_args import InferenceArgs  # the flags live beside the parser: no torch to parse them
 from ip2p.errors import UserError
 from ip2p.grid import make_grid
 from ip2p.images import open_rgb
@@ -27,45 +28,6 @@ TRAINING_CONFIG = "training_config.yaml"
 DTYPES = {"fp32": torch.float32, "float32": torch.float32, "fp16": torch.float16,
           "float16": torch.float16, "bf16": torch.bfloat16, "bfloat16": torch.bfloat16}
 SAVE_OPTIONS = {"JPEG": {"quality": 95}, "WEBP": {"quality": 95}}  # PIL's default 75 shows blocks
-
-
-def _f(default, help: str):
-    return field(default=default, metadata={"help": help})
-
-
-@dataclass
-class InferenceArgs:
-    """Every flag of `inference.py` (the field name is the flag name); see its docstring."""
-
-    model_path: str = field(metadata={"help": "trained pipeline folder (trainer's --output_dir)"})
-    input_image: str | None = _f(None, "a photo, or a folder of photos (needs --output_dir)")
-    instruction: str | None = _f(None, "the edit, e.g. 'turn the sky into sunset'")
-    output_path: str | None = _f(None, "the edited photo (one input); its suffix picks the format")
-    output_dir: str | None = _f(None, "folder for many outputs, each named after its input "
-                                      "(photo.jpg -> photo.png; photo_1.png, ... on collisions)")
-    prompts_file: str | None = _f(None, "JSONL of edits: {\"image\": ..., \"instruction\": ...[, "
-                                        "\"output\": ...]}, images relative to the file")
-    num_inference_steps: int = _f(30, "denoising steps")
-    guidance_scale: float = _f(3.0, "text guidance: how strongly to follow the instruction "
-                                    "(3.0 as on the public model card; 5-7.5 for stronger edits)")
-    image_guidance_scale: float = _f(1.5, "image guidance: how closely to keep the input photo "
-                                          "(higher = more faithful, weaker edit)")
-    seed: int = _f(0, "noise seed (CPU generator: the same output on any device); every photo "
-                      "and sweep cell starts from it")
-    negative_prompt: str | None = _f(None, "what to steer away from (default: the zero "
-                                           "embedding the model was trained with)")
-    resolution: int | None = _f(None, "long side of the output in pixels (default: the model's "
-                                      f"{TRAINING_CONFIG} 'resolution', else the UNet's own)")
-    sweep_image_guidance: str | None = _f(None, "e.g. 1.0,1.5,2.0: write a grid per photo, these "
-                                                "image guidance values as rows")
-    sweep_guidance: str | None = _f(None, "e.g. 3,5,7.5: the grid's text guidance columns")
-    device: str | None = _f(None, "cuda, cuda:1, mps or cpu (default: the best available)")
-    dtype: str | None = _f(None, "fp32, fp16 or bf16 (default: bf16 or fp16 on cuda, fp16 on "
-                                 "mps, fp32 on cpu); see the fp16 note above")
-    enable_model_cpu_offload: bool = _f(False, "keep only the running component on the GPU "
-                                               "(small GPUs; slower)")
-    vae_path: str | None = _f(None, "a VAE to use instead (a folder with config.json, or a "
-                                    "pipeline folder with vae/), e.g. an fp16-safe one")
 
 
 @dataclass

@@ -271,7 +271,7 @@ def test_bad_inputs_exit_2_with_one_line_and_write_nothing(model, clip, good_dat
     (["--max_samples", "0"], "--max_samples must be at least 1"),
     (["--split", "test"], "single dataset without splits"),
     (["--dtype", "fp8"], "--dtype must be"),
-    (["--no_such_flag", "1"], "unrecognized arguments"),
+    (["--no_such_flag", "1"], "unknown flag --no_such_flag"),
 ])
 def test_bad_flags_exit_2_with_one_line(model, clip, good_data, tmp_path, capsys, extra, fragment):
     out = tmp_path / "out"

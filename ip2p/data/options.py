@@ -1,4 +1,4 @@
-"""The converter's settings: what the CLI flags resolve to."""
+"""The converter's settings: the fields of ConvertOptions are convert_to_hf_dataset.py's flags."""
 
 from __future__ import annotations
 
@@ -8,20 +8,35 @@ from pathlib import Path
 FORMATS = ("auto", "ip2p", "manifest", "hf")
 
 
+def _f(default, help: str, **kw):
+    return field(default=default, metadata={"help": help, **kw})
+
+
 @dataclass
 class ConvertOptions:
-    data_dir: str
-    output_dir: str
-    format: str = "auto"
-    original_image_column: str | None = None  # None: the default name or a known alias
-    edit_prompt_column: str | None = None
-    edited_image_column: str | None = None
-    split: str | None = None  # HF sources only; None: "train"
-    num_proc: int = 1
-    max_samples: int | None = None
-    overwrite: bool = False
-    val_fraction: float = 0.0  # > 0: a DatasetDict with train and validation splits
-    val_seed: int = 0
+    """Every flag of `convert_to_hf_dataset.py` (the field name is the flag name)."""
+
+    data_dir: str = field(metadata={"help": "the source: a folder, a manifest file, or (--format hf) "
+                                            "a dataset id"})
+    output_dir: str = field(metadata={"help": "where the dataset is written; must not exist unless "
+                                              "--overwrite"})
+    format: str = _f("auto", "source layout (default: detect)", choices=FORMATS)
+    # None: the default name or a known alias
+    original_image_column: str | None = _f(None, "source column of the input image (default: "
+                                                 "input_image or an alias)")
+    edit_prompt_column: str | None = _f(None, "source column of the instruction (default: "
+                                              "edit_prompt or an alias)")
+    edited_image_column: str | None = _f(None, "source column of the edited image (default: "
+                                               "edited_image or an alias)")
+    split: str | None = _f(None, "HF DatasetDict split to convert (default: train)")
+    num_proc: int = _f(1, "worker processes that read and check images")
+    max_samples: int | None = _f(None, "convert only the first N records (in a stable order)")
+    overwrite: bool = _f(False, "replace an existing --output_dir once the new one is complete")
+    # > 0: a DatasetDict with train and validation splits
+    val_fraction: float = _f(0.0, "set aside this share of the pairs as a 'validation' split (the "
+                                  "trainer logs its held-out loss); the output is then a DatasetDict "
+                                  "with train and validation")
+    val_seed: int = _f(0, "which pairs are held out")
 
     def column_flags(self) -> dict[str, str | None]:
         """Requested source column per output column (None where the user gave no flag)."""

@@ -312,7 +312,7 @@ def run(a: EvaluateArgs) -> int:
         publish(tmp, out)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
-    print(f"wrote {out}/metrics.json, per_sample.jsonl ({len(rows)} rows), tradeoff.png"
+    print(f"wrote {out.resolve()}/metrics.json, per_sample.jsonl ({len(rows)} rows), tradeoff.png"
           f"{', grid.png' if grid_rows else ''} and images/")
     for r in report["results"]:
         print(f"  s_I {r['image_guidance_scale']:<5g} " + "  ".join(

@@ -392,8 +392,8 @@ def run(args: InferenceArgs) -> int:
     sizes = edit_all(pipe, jobs, args, long_side, info.size_multiple, axes)
     what = "sweep grid" if axes else "edit"
     if len(jobs) == 1:
-        where = f"{jobs[0].output} ({what} at {sizes[0][0]}x{sizes[0][1]})"
+        where = f"{Path(jobs[0].output).resolve()} ({what} at {sizes[0][0]}x{sizes[0][1]})"
     else:
-        where = f"{len(jobs)} {what}s to {args.output_dir} (long side {long_side})"
+        where = f"{len(jobs)} {what}s to {Path(args.output_dir).resolve()} (long side {long_side})"
     print(f"wrote {where}; {device}, {str(dtype).removeprefix('torch.')}, seed {args.seed}")
     return 0

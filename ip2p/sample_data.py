@@ -1,13 +1,15 @@
 """A small synthetic edit set whose instructions fully determine the edit, for the demo and tests.
 
     python -m ip2p.sample_data --output_dir ./sample-data [--num_pairs 64] [--size 64] [--seed 0]
+                               [--edits recolour_shape,recolour_background,swap_shape]
 
 Each pair is a coloured square or circle on a plain or two-tone background, and one edit:
 "make the square blue" (only the shape's pixels change), "turn the background black" (only the
 background's pixels change, to one plain colour) or "turn the square into a circle" (same place,
 size and colour). The edited image is exactly that change and nothing else, so the task is
-learnable by a tiny model in minutes. Colours are saturated, like the images the tiny VAE's
-scaling was calibrated on.
+learnable by a tiny model in minutes. `--edits` keeps only some of these kinds (the demo uses
+recolour_background alone, the quickest to learn). Colours are saturated, like the images the
+tiny VAE's scaling was calibrated on.
 
 Writes (manifest paths relative to its folder, the layout `convert_to_hf_dataset.py` reads):
 
@@ -105,9 +107,11 @@ def random_scene(rng: random.Random, size: int) -> Scene:
                  (x0, y0, x0 + side - 1, y0 + side - 1))
 
 
-def random_edit(rng: random.Random, scene: Scene) -> tuple[str, Scene]:
-    """(instruction, edited scene): one change that the instruction names completely."""
-    kind = rng.choice(EDITS)
+def random_edit(rng: random.Random, scene: Scene,
+                edits: tuple[str, ...] = EDITS) -> tuple[str, Scene]:
+    """(instruction, edited scene): one change that the instruction names completely, of one of
+    the kinds in `edits`."""
+    kind = rng.choice(edits)
     if kind == "recolour_shape":
         taken = {scene.colour, *scene.background}
         colour = rng.choice([c for c in sorted(COLOURS) if c not in taken])
@@ -129,22 +133,33 @@ def _replace(scene: Scene, **changes) -> Scene:
     return Scene(**{**scene.__dict__, **changes})
 
 
-def make_pair(rng: random.Random, size: int) -> EditPair:
+def make_pair(rng: random.Random, size: int, edits: tuple[str, ...] = EDITS) -> EditPair:
     scene = random_scene(rng, size)
-    instruction, edited = random_edit(rng, scene)
+    instruction, edited = random_edit(rng, scene, edits)
     return EditPair(render(scene, size), instruction, render(edited, size),
                     scene.caption(), edited.caption())
 
 
-def make_pairs(num_pairs: int = 64, size: int = 64, seed: int = 0) -> list[EditPair]:
+def make_pairs(num_pairs: int = 64, size: int = 64, seed: int = 0,
+               edits: tuple[str, ...] = EDITS) -> list[EditPair]:
     """The edit pairs, in memory; the same arguments give the same pixels and words."""
-    rng = random.Random(seed)
-    return [make_pair(rng, size) for _ in range(num_pairs)]
+    rng, edits = random.Random(seed), check_edits(edits)
+    return [make_pair(rng, size, edits) for _ in range(num_pairs)]
 
 
-def held_out_example(size: int = 64, seed: int = 0) -> EditPair:
+def held_out_example(size: int = 64, seed: int = 0, edits: tuple[str, ...] = EDITS) -> EditPair:
     """One more pair from a separate stream of the seed, never in `make_pairs`' output."""
-    return make_pair(random.Random(f"held-out-{seed}"), size)
+    return make_pair(random.Random(f"held-out-{seed}"), size, check_edits(edits))
+
+
+def check_edits(edits) -> tuple[str, ...]:
+    """`edits` as a tuple of known kinds, in the order given; a UserError otherwise."""
+    edits = tuple(edits)
+    unknown = [e for e in edits if e not in EDITS]
+    if not edits or unknown:
+        raise UserError(f"edit kinds must be some of {', '.join(EDITS)}; "
+                        f"got {', '.join(edits) or 'none'}")
+    return edits
 
 
 def write_dataset(folder: Path, pairs: list[EditPair], held_out: EditPair) -> None:
@@ -178,6 +193,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--num_pairs", type=int, default=64, help="edit pairs (default: 64)")
     parser.add_argument("--size", type=int, default=64, help="image side in pixels (default: 64)")
     parser.add_argument("--seed", type=int, default=0, help="same seed, same files (default: 0)")
+    parser.add_argument("--edits", default=",".join(EDITS),
+                        help=f"comma-separated edit kinds to draw from "
+                             f"(default: all, {','.join(EDITS)})")
     parser.add_argument("--overwrite", action="store_true",
                         help="replace an earlier sample set in --output_dir (other files are kept)")
     args = parser.parse_args(argv)
@@ -190,8 +208,9 @@ def main(argv: list[str] | None = None) -> int:
     if (out / MANIFEST).exists() and not args.overwrite:
         raise UserError(f"{out / MANIFEST} already exists; pass --overwrite or choose another "
                         "--output_dir")
-    pairs = make_pairs(args.num_pairs, args.size, args.seed)
-    held_out = held_out_example(args.size, args.seed)
+    edits = check_edits(e.strip() for e in args.edits.split(",") if e.strip())
+    pairs = make_pairs(args.num_pairs, args.size, args.seed, edits)
+    held_out = held_out_example(args.size, args.seed, edits)
     out.parent.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(dir=out.parent, prefix=f".{out.name}.") as staging:
         write_dataset(Path(staging), pairs, held_out)

@@ -17,17 +17,22 @@ import pytest
 from PIL import Image
 
 
-def run_in_session(cmd: list, timeout: int, **kwargs) -> subprocess.CompletedProcess:
-    """A command in its own session, its output captured as text; past `timeout` its whole process
-    group (a launcher, the trainer under it, DataLoader workers) is killed and the test fails."""
-    proc = subprocess.Popen([str(c) for c in cmd], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                            start_new_session=True, **kwargs)
+def communicate_or_kill(proc: subprocess.Popen, timeout: int) -> tuple[str, str]:
+    """The output of a process started with start_new_session=True; past `timeout` its whole
+    process group (a launcher, the trainer under it, DataLoader workers) is killed and the test fails."""
     try:
-        out, err = proc.communicate(timeout=timeout)
+        return proc.communicate(timeout=timeout)
     except subprocess.TimeoutExpired:
         os.killpg(proc.pid, signal.SIGKILL)
         out, err = proc.communicate()
-        raise AssertionError(f"{cmd[:3]} ran past {timeout} s:\n{out[-3000:]}\n{err[-3000:]}") from None
+        raise AssertionError(f"{proc.args[:3]} ran past {timeout} s:\n{out[-3000:]}\n{err[-3000:]}") from None
+
+
+def run_in_session(cmd: list, timeout: int, **kwargs) -> subprocess.CompletedProcess:
+    """A command in its own session, its output captured as text (see communicate_or_kill)."""
+    proc = subprocess.Popen([str(c) for c in cmd], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            start_new_session=True, **kwargs)
+    out, err = communicate_or_kill(proc, timeout)
     return subprocess.CompletedProcess(proc.args, proc.returncode, out, err)
 
 

@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 from safetensors.torch import load_file
 
-from conftest import png_bytes, write_pairs_dataset
+from conftest import communicate_or_kill, png_bytes, write_pairs_dataset
 from test_train_e2e import metrics, run_train, tiny_args
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -34,12 +34,7 @@ def start_patched(tmp_path, patch: str, argv: list) -> subprocess.Popen:
 
 def finish(proc: subprocess.Popen, timeout=600) -> tuple[int, str]:
     """Its exit code and output; past `timeout` its whole process group is killed and the test fails."""
-    try:
-        out, err = proc.communicate(timeout=timeout)
-    except subprocess.TimeoutExpired:
-        os.killpg(proc.pid, signal.SIGKILL)
-        out, err = proc.communicate()
-        raise AssertionError(f"the trainer ran past {timeout} s:\n{(out + err)[-3000:]}") from None
+    out, err = communicate_or_kill(proc, timeout)
     return proc.returncode, out + err
 
 

@@ -17,6 +17,12 @@ class UserError(Exception):
     """A problem with the user's input; the message names the thing and what to do."""
 
 
+def first_line(e: BaseException) -> str:
+    """An exception's first line, for a one-line message (its type when it says nothing)."""
+    text = str(e).strip()
+    return text.splitlines()[0] if text else type(e).__name__
+
+
 def cli(main: Callable[..., int | None]) -> Callable[..., int]:
     """Wrap a script's `main(argv=None)` so that a `UserError` prints one line and returns 2."""
 

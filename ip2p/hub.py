@@ -10,7 +10,7 @@ import os
 import sys
 from pathlib import Path
 
-from ip2p.errors import UserError
+from ip2p.errors import UserError, first_line
 
 EXIT_UPLOAD_FAILED = 3  # trained and saved; only the upload failed (see README, "Reliability")
 
@@ -56,8 +56,7 @@ def check_hub_access(cfg, output_dir: Path) -> str:
     try:
         return create_repo(name, exist_ok=True, token=token).repo_id
     except Exception as e:  # network, permissions, a bad name: all the user's to fix, before training
-        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise UserError(f"--push_to_hub: cannot create or write the hub repository {name!r} ({first[:200]}); "
+        raise UserError(f"--push_to_hub: cannot create or write the hub repository {name!r} ({first_line(e)[:200]}); "
                         "check the token's write access, --hub_model_id and the network") from None
 
 
@@ -72,9 +71,8 @@ def push_to_hub(cfg, output_dir: Path, repo_id: str) -> int:
         upload_folder(repo_id=repo_id, folder_path=str(output_dir), token=token,
                       commit_message="InstructPix2Pix SDXL", ignore_patterns=ignore)
     except Exception as e:
-        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         excludes = " ".join(f"--exclude '{p}'" for p in ignore)
-        print(f"error: the upload to {repo_id} failed ({first[:200]}); the trained pipeline is saved in "
+        print(f"error: the upload to {repo_id} failed ({first_line(e)[:200]}); the trained pipeline is saved in "
               f"{output_dir.resolve()}; upload it later with: hf upload {repo_id} {output_dir.resolve()} . {excludes}",
               file=sys.stderr, flush=True)
         return EXIT_UPLOAD_FAILED

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import torch
 
-from ip2p.errors import UserError
+from ip2p.errors import UserError, first_line
 
 SDXL_FOLDERS = ("unet", "vae", "text_encoder", "text_encoder_2", "tokenizer", "tokenizer_2", "scheduler")
 
@@ -41,8 +41,7 @@ def _load(what: str, fn, *args, **kwargs):
     try:
         return fn(*args, **kwargs)
     except (OSError, ValueError) as e:
-        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise UserError(f"could not load the {what}: {first}") from None
+        raise UserError(f"could not load the {what}: {first_line(e)}") from None
 
 
 def load_parts(cfg) -> SDXLParts:

@@ -4,7 +4,6 @@
 import json
 import os
 import signal
-import socket
 import subprocess
 import time
 from pathlib import Path
@@ -13,14 +12,11 @@ import psutil
 import pytest
 import torch
 
+from test_distributed import free_port
+
 ROOT = Path(__file__).resolve().parents[1]
 pytestmark = pytest.mark.skipif(torch.cuda.is_available(), reason="train.sh runs the CPU recipe only without a GPU")
 
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def start(*args, processes: int, logs: Path) -> subprocess.Popen:

@@ -1,19 +1,14 @@
 """DeepSpeed ZeRO-2 on one GPU, launched as users do: setup_accelerate.sh, then train.sh."""
 
 import math
-import socket
 
 import pytest
 
 from gpu.conftest import GPU, ROOT, run
+from test_distributed import free_port
 
 pytestmark = GPU
 
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def test_zero2_one_gpu_trains_checkpoints_and_resumes(train, metrics, tmp_path):

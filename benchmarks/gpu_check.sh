@@ -4,6 +4,7 @@
 #   bash benchmarks/gpu_check.sh                     # one CUDA GPU: the SDXL architecture at 1024, bf16
 #   bash benchmarks/gpu_check.sh --work_dir /scratch/gpu-check
 #   bash benchmarks/gpu_check.sh --tiny              # the same sequence on the CPU with the tiny model
+#   bash benchmarks/gpu_check.sh --only model,throughput,throughput_loop   # some checks only (the speed table)
 #
 # Checks, in order: model (the SDXL architecture with random weights in the hub layout,
 # python -m ip2p.sdxl_arch), data (synthetic pairs through convert_to_hf_dataset.py), train
@@ -12,11 +13,13 @@
 # progress and exited 75), resume_ema (--resume_from_checkpoint latest with --use_ema reaches the
 # final step and saves the pipeline), fused_adamw (--use_8bit_adam false), deepspeed (ZeRO-2 on one
 # GPU, when deepspeed imports), infer_bf16, infer_fp16 (the VAE upcast to fp32), infer_offload
-# (--enable_model_cpu_offload), throughput (benchmarks/throughput.py) and pytest_gpu
-# (python -m pytest tests/gpu -m gpu). Each prints one line, `ok NAME key=value ...`,
-# `FAIL NAME reason` or `skip NAME: reason`; a failed check does not stop the others. The last line
-# is `N passed, M failed, K skipped`; the exit code is 1 when any failed, 2 without CUDA (and
-# without --tiny).
+# (--enable_model_cpu_offload), throughput (benchmarks/throughput.py: the recipe's step with and
+# without checkpointing, with fused AdamW, both compiled, torchao's 8-bit AdamW when torchao
+# imports), throughput_loop (benchmarks/throughput.py --loop: ./train.sh with the recipe, the rate
+# its progress bar shows) and pytest_gpu (python -m pytest tests/gpu -m gpu). Each prints one line,
+# `ok NAME key=value ...`, `FAIL NAME reason` or `skip NAME: reason`; a failed check does not stop
+# the others. The last line is `N passed, M failed, K skipped`; the exit code is 1 when any
+# failed, 2 without CUDA (and without --tiny).
 #
 # --tiny swaps only the sizes: python -m ip2p.tiny_model, configs/tiny_cpu.yaml, 64x64 pairs, the
 # CPU (CUDA hidden); the checks that need CUDA print `skip NAME: needs CUDA`. CI runs it.
@@ -30,10 +33,12 @@ here="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 cd "$here"
 python=${PYTHON:-python3}
 
-tiny=no work=""
+tiny=no work="" only=""
 while [[ $# -gt 0 ]]; do
   case $1 in
     --tiny) tiny=yes; shift ;;
+    --only) [[ $# -ge 2 && -n $2 ]] || { echo "error: --only needs a comma-separated list of checks" >&2; exit 2; }
+            only=",$2,"; shift 2 ;;
     --work_dir) [[ $# -ge 2 && -n $2 ]] || { echo "error: --work_dir needs a value" >&2; exit 2; }
                 work=$2; shift 2 ;;
     -h|--help) awk 'NR > 1 && /^#/ { sub(/^# ?/, ""); print; next } NR > 1 { exit }' "$0"; exit 0 ;;
@@ -41,6 +46,12 @@ while [[ $# -gt 0 ]]; do
   esac
 done
 
+all_checks=(model data train sigterm resume_ema fused_adamw deepspeed infer_bf16 infer_fp16 infer_offload
+            throughput throughput_loop pytest_gpu)
+for name in ${only//,/ }; do
+  [[ " ${all_checks[*]} " == *" $name "* ]] \
+    || { echo "error: --only: no check named $name (the checks: ${all_checks[*]})" >&2; exit 2; }
+done
 if [[ $tiny == yes ]]; then
   export CUDA_VISIBLE_DEVICES=""  # the CPU path, even on a GPU node
 elif [[ $("$python" -c 'import torch; print(torch.cuda.is_available())' 2>/dev/null) != True ]]; then
@@ -167,7 +178,9 @@ if [[ $tiny == yes ]]; then
   recipe=(--config configs/tiny_cpu.yaml)
   sized=(--dataloader_num_workers 0)
   make_model=("$python" -m ip2p.tiny_model --output_dir "$model")
-  throughput=(--tiny --variants cache --steps 2 --warmup 1 --num_samples 8 --loader_workers 0)
+  variants=recipe,adamw  # recipe: the skipped row of 8-bit Adam on the CPU
+  throughput=(--tiny --steps 2 --warmup 1 --num_samples 8 --loader_workers 0)
+  throughput_loop=(--tiny --steps 4 --logging_steps 2)
   limit_model=300 limit_train=600 limit_step=300
 else
   mode=gpu res=1024 device=cuda
@@ -176,11 +189,18 @@ else
   sized=(--dataloader_num_workers 2 --save_dtype bf16)
   # random init of 3.5 B parameters: seconds on the GPU, minutes on a CPU; fp16 files load as fp32
   make_model=("$python" -m ip2p.sdxl_arch --output_dir "$model" --device cuda --dtype fp16)
-  throughput=(--variants cache,cache+8bit+ckpt --steps 3 --warmup 1 --num_samples 8 --loader_workers 2)
+  # the compiled variants compile in their first step (compile_s); torchao8bit (added when torchao
+  # imports) compiles its step once per parameter shape; a full compile of the UNet would take minutes
+  variants=recipe,recipe+ckpt,adamw,recipe+compile,adamw+compile
+  throughput=(--steps 5 --warmup 2 --num_samples 8 --loader_workers 2)
+  # one epoch of 8 optimizer steps; the first logging interval (compilation, warm-up) is left out
+  throughput_loop=(--steps 8 --logging_steps 2)
   limit_model=300 limit_train=420 limit_step=300
 fi
+# --logging_steps 1: the checks read every step's row (the GPU recipe logs every 10)
 common=("${recipe[@]}" --pretrained_model_name_or_path "$model" --data_dir "$data" --report_to none
-        --latent_cache_dir "$work/latent_cache" --checkpointing_steps 100000 --resolution "$res" "${sized[@]}")
+        --latent_cache_dir "$work/latent_cache" --checkpointing_steps 100000 --resolution "$res" --logging_steps 1
+        "${sized[@]}")
 validation=(--val_image_url_or_path "$src/photo.png" --validation_prompt "$instruction" --validation_steps 2
             --num_validation_images 1 --validation_num_inference_steps 2)
 need_cuda() { [[ $tiny == no ]] || skip "needs CUDA"; }
@@ -384,9 +404,13 @@ check_infer_fp16() { need_cuda; infer fp16 fp16; }
 check_infer_offload() { need_cuda; infer offload bf16 --enable_model_cpu_offload; }
 
 check_throughput() {
-  bounded 420 "$python" benchmarks/throughput.py "${throughput[@]}" --output_json "$work/throughput.jsonl" \
-    || fail "benchmarks/throughput.py failed (exit $?): $(last_error)"
-  verify "$work/throughput.jsonl" <<'PY'
+  local v=$variants
+  if [[ $tiny == no ]] && "$python" -c "import torchao.optim" >/dev/null 2>&1; then v+=,torchao8bit; fi
+  bounded 540 "$python" benchmarks/throughput.py --variants "$v" "${throughput[@]}" \
+    --output_json "$work/throughput.jsonl"
+  local rc=$?
+  # the rows are written as they come: a run stopped part way still reports the variants it timed
+  verify "$work/throughput.jsonl" "$rc" "$(last_error)" <<'PY'
 import json, sys
 rows = [json.loads(l) for l in open(sys.argv[1])]
 out = []
@@ -399,8 +423,26 @@ for r in rows:
         out.append(f"{v}_peak_gib={r['peak_memory_gib']:.1f}")
     if r.get("mfu") is not None:
         out.append(f"{v}_mfu={r['mfu']:.3f}")
+    if r.get("compile_s") is not None:
+        out.append(f"{v}_compile_s={r['compile_s']:.1f}")
+assert sys.argv[2] == "0", f"benchmarks/throughput.py exit {sys.argv[2]} ({sys.argv[3]}); rows: {' '.join(out) or 'none'}"
 assert out, f"no rows: {rows}"
 print(" ".join(out))
+PY
+}
+
+check_throughput_loop() {
+  local reuse=()
+  [[ -f $model/model_index.json ]] && reuse=(--model "$model")  # else the benchmark builds one
+  bounded 600 "$python" benchmarks/throughput.py --loop "${throughput_loop[@]}" "${reuse[@]}" --timeout 480 \
+    --output_json "$work/throughput_loop.jsonl" || fail "benchmarks/throughput.py --loop failed (exit $?): $(last_error)"
+  verify "$work/throughput_loop.jsonl" <<'PY'
+import json, sys
+(r,) = [json.loads(l) for l in open(sys.argv[1])]
+print(f"samples_per_s={r['samples_per_s']:.2f} samples_per_s_last={r['samples_per_s_last']:.2f} "
+      f"peak_gib={r['peak_memory_gib']:.1f} steps={r['steps']} optimizer={r['optimizer']} "
+      f"checkpointing={'on' if r['gradient_checkpointing'] else 'off'} compile={r['compile']} "
+      f"wall_s={r['wall_s']:.1f}")
 PY
 }
 
@@ -431,9 +473,8 @@ if compgen -G ".whl/*.whl" > /dev/null; then
   check wheels
   export PYTHONPATH=/tmp/site${PYTHONPATH:+:$PYTHONPATH}
 fi
-for name in model data train sigterm resume_ema fused_adamw deepspeed infer_bf16 infer_fp16 infer_offload \
-            throughput pytest_gpu; do
-  check "$name"
+for name in "${all_checks[@]}"; do
+  [[ -z $only || $only == *",$name,"* ]] && check "$name"
 done
 
 summary="$passed passed, $failed failed, $skipped skipped"

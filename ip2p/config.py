@@ -111,12 +111,24 @@ class TrainConfig:
         "fp32", "dtype of the base model's VAE when no other VAE is given (the SDXL VAE overflows in fp16)")
     save_dtype: Literal["fp32", "fp16", "bf16"] = _memory("fp32", "(kit) dtype of the saved UNet")
     allow_tf32: bool = _memory(False, "allow TF32 matmuls and convolutions on Ampere and newer")
-    use_8bit_adam: bool = _memory(False, "bitsandbytes 8-bit AdamW (CUDA)")
+    use_8bit_adam: bool = _memory(False, "bitsandbytes 8-bit AdamW (CUDA); the same as --optimizer adamw8bit")
+    optimizer: Literal["adamw", "adamw8bit", "adamw8bit_torchao"] = _memory(
+        "adamw", "(kit) adamw: torch's fused AdamW (fp32 states, 16 bytes per parameter with the weights); "
+                 "adamw8bit: bitsandbytes' blockwise 8-bit AdamW (CUDA; 10 bytes); adamw8bit_torchao: torchao's "
+                 "8-bit AdamW (its step is compiled on first use)")
     gradient_checkpointing: bool = _memory(False, "recompute UNet activations in the backward pass to save memory")
     enable_xformers_memory_efficient_attention: bool = _memory(
         False, "use xformers attention; falls back to PyTorch SDPA with a warning when unavailable")
-    torch_compile: bool = _memory(False, "(kit) torch.compile the UNet (the first compile of the full SDXL UNet "
-                                         "takes minutes: over 4.5 on an H200)")
+    torch_compile: bool = _memory(False, "(kit) torch.compile the UNet (see --torch_compile_mode)")
+    torch_compile_mode: Literal["regional", "full"] = _memory(
+        "regional", "(kit) regional: compile the UNet's repeated transformer block once and reuse it (diffusers' "
+                    "compile_repeated_blocks; seconds to compile); full: torch.compile the whole UNet (the first "
+                    "compile of the SDXL UNet took over 4.5 minutes on an H200)")
+    ddp_bucket_cap_mb: int = _memory(25, "(kit) DDP gradient bucket size in MB (torch's default 25)")
+    ddp_static_graph: bool = _memory(True, "(kit) tell DDP the UNet's graph is the same every step (it is: every "
+                                           "parameter gets a gradient every step), so it can plan the all-reduces; "
+                                           "off under gradient accumulation, where torch's DDP fails with it",
+                                    no_help="(kit) let DDP look for changes in the graph every step")
 
     cache_latents: bool = _cache(True, "(kit) encode every sample once into the latent cache and train from it",
                                  no_help="(kit) encode on the fly every step instead of using the latent cache")
@@ -151,8 +163,8 @@ class TrainConfig:
                                              "is an error at start")
     logging_dir: str = _logging("logs", "tracker folder, relative to --output_dir")
     tracker_project_name: str = _logging("instruct-pix2pix-xl", "(kit) tracker project / run group name")
-    logging_steps: int = _logging(1, "(kit) log loss, lr and samples/s every N optimizer steps; reading the loss "
-                                     "waits for the GPU, so large runs may log less often")
+    logging_steps: int = _logging(1, "(kit) log loss, lr and samples/s every N optimizer steps: the only moment the "
+                                     "training loop waits for the GPU (the recipes for GPUs log every 10)")
     push_to_hub: bool = _logging(False, "upload the final pipeline (never the checkpoints) to the hub")
     hub_token: Optional[str] = _logging(None, "hub token; prefer the HF_TOKEN environment variable (never written "
                                               "anywhere)")

@@ -75,7 +75,9 @@ def compute_time_ids(
     the row count at start-up and crashes on it).
     """
     n = original_sizes.shape[0]
-    target = torch.tensor(target_size, dtype=torch.float32).expand(n, 2)
+    # filled where the sizes are (on the GPU when encoding on the fly): no copy from host memory
+    target = torch.empty((n, 2), dtype=torch.float32, device=original_sizes.device)
+    target[:, 0], target[:, 1] = target_size
     return torch.cat([original_sizes.float(), crops_top_left.float(), target], dim=1)
 
 

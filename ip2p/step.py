@@ -76,31 +76,52 @@ def parameter_dtype(module) -> torch.dtype:
 
 def train_micro_step(accelerator, unet, optimizer, batch: EncodedBatch, noise_scheduler, scaling_factor: float,
                      conditioning_dropout_prob: float, max_grad_norm: float,
-                     skip_nonfinite: bool = True) -> tuple[torch.Tensor, bool]:
+                     skip_nonfinite: bool = True) -> tuple[torch.Tensor, torch.Tensor | bool]:
     """One micro-batch, called inside `accelerator.accumulate(unet)`: loss, backward, and on the
     micro-batch that completes an accumulation, clipping and the optimizer step.
 
-    Returns the detached loss (not read: no host synchronisation) and whether the optimizer step
-    was skipped because the gradients were not finite. Who decides that: under fp16 the
-    GradScaler; under DeepSpeed its engine, which has already stepped (or skipped) inside
-    `accelerator.backward`, clipping to the JSON's `gradient_clipping` (ZeRO skips non-finite
-    steps in bf16 and fp32 too); otherwise this function, by reading the gradient norm, one host
-    synchronisation per optimizer step (`skip_nonfinite=False` avoids it).
+    Returns the detached loss and whether the optimizer step was skipped because the gradients
+    were not finite, neither read here: the host does not wait for the GPU. Who decides the skip:
+    under fp16 the GradScaler; under DeepSpeed its engine, which has already stepped (or skipped)
+    inside `accelerator.backward`, clipping to the JSON's `gradient_clipping` (ZeRO skips
+    non-finite steps in bf16 and fp32 too); both answer with a Python bool. Otherwise this
+    function, on the device (`skip_nonfinite_on_device`), answering with a bool tensor.
     """
     loss = forward_loss(unet, batch, noise_scheduler, scaling_factor, conditioning_dropout_prob)
     accelerator.backward(loss)
     deepspeed = is_deepspeed(accelerator)
     others_decide = deepspeed or accelerator.scaler is not None
+    skipped: torch.Tensor | bool = False
     if accelerator.sync_gradients and not deepspeed:
         norm = accelerator.clip_grad_norm_(unet.parameters(), max_grad_norm)  # unscales first under fp16
-        own_check = skip_nonfinite and not others_decide
-        if own_check and not torch.isfinite(norm).item():  # the same on every rank: grads are all-reduced
-            optimizer.zero_grad(set_to_none=True)
-            return loss.detach(), True
+        if skip_nonfinite and not others_decide:  # the same on every rank: the gradients are all-reduced
+            skipped = skip_nonfinite_on_device(optimizer, unet.parameters(), norm)
     optimizer.step()  # accelerate's wrapper only steps on the micro-batch that syncs (a no-op under DeepSpeed)
-    skipped = accelerator.sync_gradients and others_decide and optimizer.step_was_skipped
+    if accelerator.sync_gradients and others_decide:
+        skipped = bool(optimizer.step_was_skipped)
     optimizer.zero_grad(set_to_none=True)
-    return loss.detach(), bool(skipped)
+    return loss.detach(), skipped
+
+
+def skip_nonfinite_on_device(optimizer, params, norm: torch.Tensor) -> torch.Tensor:
+    """Make the coming optimizer step a no-op when the gradient norm is not finite, without
+    reading the norm on the host. Returns the 0-d bool tensor "skipped".
+
+    torch's fused AdamW takes a `found_inf` tensor (the GradScaler's mechanism) and skips the
+    update inside its kernel, step count included: an exact skip. Optimizers without it
+    (bitsandbytes' and torchao's 8-bit AdamW) get zeroed gradients instead, so nothing non-finite
+    reaches the weights or the moments; their update is then that of a zero gradient (the moments
+    decay one step and weight decay applies), not an exact skip.
+    """
+    skipped = ~torch.isfinite(norm)
+    inner = getattr(optimizer, "optimizer", optimizer)  # under accelerate's wrapper
+    if isinstance(inner, torch.optim.AdamW) and inner.defaults.get("fused"):
+        inner.found_inf = skipped.to(torch.float32)
+    else:
+        for p in params:
+            if p.grad is not None:
+                p.grad.masked_fill_(skipped, 0.0)
+    return skipped
 
 
 def is_deepspeed(accelerator) -> bool:

@@ -50,6 +50,7 @@ from ip2p.train_setup import (
     MetricsLog,
     batch_arithmetic,
     make_accelerator,
+    compile_unet,
     make_optimizer,
     open_cache,
     peak_memory_gib,
@@ -111,8 +112,8 @@ def train(cfg: TrainConfig) -> int:
     ema = None
     if cfg.use_ema:
         ema = EMAModel(unet.parameters(), decay=cfg.ema_decay, model_cls=type(unet), model_config=unet.config)
-    if cfg.torch_compile:
-        unet = torch.compile(unet)
+    if cfg.torch_compile:  # after the optimizer took the parameters, before DDP wraps the UNet
+        unet = compile_unet(unet, cfg.torch_compile_mode)
     unet, optimizer, loader = accelerator.prepare(unet, optimizer, loader)
     spe = steps_per_epoch(len(loader), cfg.gradient_accumulation_steps)
     max_steps = cfg.max_train_steps or cfg.num_train_epochs * spe
@@ -166,11 +167,12 @@ def train(cfg: TrainConfig) -> int:
     loss_sum, micro_steps, t0 = torch.zeros((), device=device), 0, time.perf_counter()
 
     stop = StopOnSignal()
-    nonfinite = NonFiniteGuard(cfg.max_nonfinite_steps or 10**9)
     if cfg.cache_latents:
         state.replaced_samples = train_set.cache.replaced_samples()
     replaced = torch.zeros((), device=device, dtype=torch.long)
     last_checkpoint = resume_path
+    nonfinite = NonFiniteGuard(cfg.max_nonfinite_steps or 10**9, device, state.skipped_steps, state.global_step)
+    compile_clock = CompileClock(cfg.torch_compile and main, cfg.torch_compile_mode)
     epoch, skip = ckpt.resume_position(state, micro_batch, len(loader))
     state.num_processes, state.total_batch_size, state.micro_batch = (
         accelerator.num_processes, total_batch_size, micro_batch)
@@ -192,28 +194,34 @@ def train(cfg: TrainConfig) -> int:
             if not accelerator.sync_gradients:
                 continue
 
-            # --- after a real optimizer step only
+            # --- after a real optimizer step only; the host reads nothing from the GPU here but
+            # once per logging interval (and before a checkpoint)
             lr_scheduler.step()
             if ema is not None:
                 ema.step(unet.parameters())
             state.global_step += 1
             step = state.global_step
-            nonfinite.update(skipped, step, last_checkpoint)
-            state.skipped_steps += int(skipped)
+            nonfinite.update(skipped)
             bar.update(1)
+            compile_clock.first_step_done(bar)
             stopping = stop.requested(accelerator)
-            if step % cfg.logging_steps == 0 or step >= max_steps or stopping:
+            log_now = step % cfg.logging_steps == 0 or step >= max_steps or stopping
+            save_now = step % cfg.checkpointing_steps == 0 or stopping
+            if log_now or save_now:
+                state.skipped_steps = nonfinite.check(step, last_checkpoint)
                 if not cfg.cache_latents:
                     state.replaced_samples += int(accelerator.reduce(replaced, reduction="sum").item())
                     replaced.zero_()
+            if log_now:
                 row = log_step(accelerator, cfg, metrics, lr_scheduler, epoch, step, loss_sum / micro_steps,
-                               micro_steps, time.perf_counter() - t0, state)
+                               micro_steps, t0, state)
                 bar.set_postfix(loss=f"{row['loss']:.4f}", lr=f"{row['lr']:.2e}",
                                 samples_s=f"{row['samples_per_s']:.2f}", peak_gib=f"{row['peak_memory_gib']:.1f}")
                 loss_sum.zero_()
                 micro_steps, t0 = 0, time.perf_counter()
 
-            if step % cfg.checkpointing_steps == 0 or stopping:
+            busy = time.perf_counter()  # checkpoints and validation are left out of the rate
+            if save_now:
                 check_replicas(accelerator, unet)
                 check_free_space(accelerator, output_dir, step, checkpoint_bytes_estimate(last_checkpoint, unet, ema))
                 last_checkpoint = ckpt.save_checkpoint(accelerator, output_dir, state, cfg.checkpoints_total_limit)
@@ -225,8 +233,7 @@ def train(cfg: TrainConfig) -> int:
                 return EXIT_PREEMPTED
             if main and step % cfg.validation_steps == 0:
                 last_grid = validate(accelerator, validator, heldout, parts, unet, ema, step, output_dir) or last_grid
-            if micro_steps == 0:
-                t0 = time.perf_counter()  # the rate excludes checkpoint and validation time
+            t0 += time.perf_counter() - busy
             if step >= max_steps:
                 break
         epoch, skip = epoch + 1, 0
@@ -239,7 +246,7 @@ def train(cfg: TrainConfig) -> int:
         if state.global_step % cfg.validation_steps:  # the last step had no validation yet
             last_grid = validate(accelerator, validator, heldout, parts, unet, ema, state.global_step,
                                  output_dir) or last_grid
-        save_pipeline(cfg, parts, accelerator.unwrap_model(unet), ema, output_dir)
+        save_pipeline(cfg, parts, accelerator.unwrap_model(unet, keep_torch_compile=False), ema, output_dir)
         write_model_card(output_dir, cfg, state, len(hf_dataset), last_grid)
     # end_training destroys the process group: every rank must get there together. A rank that tore
     # its gloo group down while the main one was still saving hung at exit (joining gloo's threads).
@@ -282,11 +289,27 @@ def check_replicas(accelerator, unet) -> None:
                       f"(fingerprint {everyone[0].double().sum().item():.6e})")
 
 
+class CompileClock:
+    """--torch_compile: print how long the first optimizer step took, compilation included (it
+    happens on the host, on the first call, so the host's clock measures it)."""
+
+    def __init__(self, enabled: bool, mode: str):
+        self.enabled, self.mode, self.t0 = enabled, mode, time.perf_counter()
+
+    def first_step_done(self, bar) -> None:
+        if self.enabled:
+            self.enabled = False
+            bar.write(f"torch.compile ({self.mode}): the first optimizer step took "
+                      f"{time.perf_counter() - self.t0:.1f} s, compilation included")
+
+
 def log_step(accelerator, cfg, metrics, lr_scheduler, epoch: int, step: int, loss: torch.Tensor,
-             micro_steps: int, elapsed: float, state) -> dict:
-    """Read the loss (a host synchronisation), mean over processes; write metrics.jsonl."""
-    row = {"step": step, "epoch": epoch, "loss": accelerator.reduce(loss, reduction="mean").item(),
-           "lr": lr_scheduler.get_last_lr()[0],
+             micro_steps: int, t0: float, state) -> dict:
+    """Read the loss (a host synchronisation), mean over processes; write metrics.jsonl. The clock
+    is read after the loss: the host runs ahead of the GPU, and the rate must count the GPU's work."""
+    loss_value = accelerator.reduce(loss, reduction="mean").item()
+    elapsed = time.perf_counter() - t0
+    row = {"step": step, "epoch": epoch, "loss": loss_value, "lr": float(lr_scheduler.get_last_lr()[0]),  # a tensor for torchao
            "samples_per_s": micro_steps * cfg.train_batch_size * accelerator.num_processes / elapsed,
            "peak_memory_gib": peak_memory_gib(accelerator.device),
            "skipped_steps": state.skipped_steps, "replaced_samples": state.replaced_samples}
@@ -315,7 +338,7 @@ def validate(accelerator, validator, heldout, parts, unet, ema, step: int, outpu
     trained weights go back. Returns the grid's path relative to the output folder."""
     if validator is None and heldout is None:
         return None
-    model = accelerator.unwrap_model(unet)
+    model = accelerator.unwrap_model(unet, keep_torch_compile=False)  # --torch_compile_mode full: sample eagerly
     if ema is not None:
         ema.store(model.parameters())
         ema.copy_to(model.parameters())

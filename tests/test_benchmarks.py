@@ -1,26 +1,90 @@
-"""The throughput benchmark runs on the CPU with the tiny model (figures are not asserted: no timed tests)."""
+"""benchmarks/throughput.py runs on the CPU with the tiny model: the step variants and the real loop
+through train.sh. Figures are not asserted (no timed tests), only that they are there and sane."""
 
 import json
+import math
+import os
 import sys
+import time
+import uuid
 from pathlib import Path
+
+import psutil
+import pytest
 
 from conftest import run_in_session
 
 ROOT = Path(__file__).resolve().parents[1]
+STEP_FIGURES = {"samples_per_s", "step_ms", "tflops", "mfu", "peak_memory_gib", "compile_s", "last_loss"}
 
 
-def test_throughput_benchmark_tiny_prints_one_row_per_variant(tmp_path):
+def throughput(*args, timeout: int = 600, env: dict | None = None):
+    return run_in_session([sys.executable, "benchmarks/throughput.py", "--tiny", *args], timeout=timeout, cwd=ROOT,
+                          env=env)
+
+
+def positive(x) -> bool:
+    return isinstance(x, (int, float)) and math.isfinite(x) and x > 0
+
+
+def test_step_variants_one_row_each_and_compiling_changes_no_loss(tmp_path):
     out = tmp_path / "rows.jsonl"
-    proc = run_in_session(
-        [sys.executable, "benchmarks/throughput.py", "--tiny", "--steps", "2", "--warmup", "1", "--num_samples", "8",
-         "--variants", "cache,cache+8bit,on_the_fly", "--loader_workers", "0", "--output_json", str(out)],
-        timeout=600, cwd=ROOT)
+    proc = throughput("--steps", "2", "--warmup", "1", "--num_samples", "8", "--loader_workers", "0",
+                      "--variants", "recipe,adamw,adamw+compile,adamw+compile_full,on_the_fly", "--output_json", out)
     assert proc.returncode == 0, proc.stderr[-3000:]
-    rows = {r["variant"]: r for r in map(json.loads, out.read_text().splitlines())}
-    assert set(rows) == {"cache_build", "cache", "cache+8bit", "on_the_fly", "cache_loader_only"}
-    for name in ("cache", "on_the_fly"):
+    lines = [json.loads(x) for x in proc.stdout.splitlines() if x.startswith("{")]
+    assert lines == [json.loads(x) for x in out.read_text().splitlines()]  # printed as written
+    rows = {r["variant"]: r for r in lines}
+    assert list(rows) == ["cache_build", "recipe", "adamw", "adamw+compile", "adamw+compile_full", "on_the_fly",
+                          "cache_loader_only"]
+    assert "needs CUDA" in rows["recipe"]["skipped"]
+    for name, source, compile_ in [("adamw", "cache", "none"), ("adamw+compile", "cache", "regional"),
+                                   ("adamw+compile_full", "cache", "full"), ("on_the_fly", "on_the_fly", "none")]:
         r = rows[name]
-        assert r["samples_per_s"] > 0 and r["tflops"] > 0 and r["source"] == name and r["resolution"] == 64
-        assert {"mfu", "peak_memory_gib", "step_ms"} <= set(r)
-    assert "needs CUDA" in rows["cache+8bit"]["skipped"]
-    assert rows["cache_build"]["model_tflop_per_sample"] > 0 and rows["cache_loader_only"]["samples_per_s"] > 0
+        assert STEP_FIGURES <= set(r), r
+        assert (r["source"], r["optimizer"], r["compile"], r["gradient_checkpointing"]) == (source, "adamw",
+                                                                                            compile_, False)
+        assert all(positive(r[k]) for k in ("samples_per_s", "step_ms", "tflops", "last_loss")), r
+        assert r["resolution"] == 64 and r["batch_size"] == 4 and r["mfu"] is None  # no GPU peak on a CPU
+    assert rows["adamw"]["compile_s"] is None and positive(rows["adamw+compile"]["compile_s"])
+    assert positive(rows["adamw+compile_full"]["compile_s"])
+    # the same seed and batches: compiling the repeated blocks changes the step's numbers by rounding
+    # only, and the cache feeds the step what encoding on the fly does
+    for name in ("adamw+compile", "adamw+compile_full", "on_the_fly"):
+        assert rows[name]["last_loss"] == pytest.approx(rows["adamw"]["last_loss"], rel=1e-4), name
+    assert positive(rows["cache_build"]["model_tflop_per_sample"])
+    assert positive(rows["cache_loader_only"]["samples_per_s"])
+
+
+def test_loop_times_train_sh_with_the_flags_given(tmp_path):
+    out = tmp_path / "loop.jsonl"
+    proc = throughput("--loop", "--steps", "4", "--logging_steps", "2", "--output_json", out,
+                      "--loop_flags", "--gradient_checkpointing", timeout=400)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    (row,) = [json.loads(x) for x in out.read_text().splitlines()]
+    assert row["variant"] == "loop" and row["config"] == "configs/tiny_cpu.yaml" and row["device"] == "cpu"
+    assert row["loop_flags"] == ["--gradient_checkpointing"]
+    assert row["gradient_checkpointing"] is True  # --loop_flags reached the trainer
+    assert (row["steps"], row["logging_steps"], row["optimizer"], row["compile"]) == (4, 2, "adamw", "none")
+    assert row["pairs"] == 4 * 4  # one epoch of 4 steps at the tiny recipe's batch of 4
+    for k in ("samples_per_s", "samples_per_s_last", "first_interval_samples_per_s", "wall_s", "last_loss"):
+        assert positive(row[k]), (k, row)
+    assert row["peak_memory_gib"] == 0.0  # the CPU
+
+
+def test_loop_past_its_timeout_leaves_nothing_running(tmp_path):
+    marker = uuid.uuid4().hex  # inherited by every process the benchmark starts
+    proc = throughput("--loop", "--steps", "4", "--logging_steps", "2", "--timeout", "3", timeout=300,
+                      env={**os.environ, "THROUGHPUT_TEST_MARKER": marker})
+    assert proc.returncode == 1, proc.stderr[-3000:]
+    assert "ran past 3 s and was stopped" in proc.stderr
+    time.sleep(1)  # a killed process may take a moment to leave the table
+
+    def ours(p):
+        try:
+            return p.environ().get("THROUGHPUT_TEST_MARKER") == marker
+        except (psutil.Error, OSError):
+            return False
+
+    assert not [p.info for p in psutil.process_iter(["pid", "cmdline"]) if ours(p)]
+

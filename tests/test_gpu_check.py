@@ -14,7 +14,8 @@ from conftest import run_in_session
 
 ROOT = Path(__file__).resolve().parents[1]
 SCRIPT = ROOT / "benchmarks" / "gpu_check.sh"
-RUN_ON_CPU = ["model", "data", "train", "sigterm", "resume_ema", "infer_bf16", "throughput", "pytest_gpu"]
+RUN_ON_CPU = ["model", "data", "train", "sigterm", "resume_ema", "infer_bf16", "throughput", "throughput_loop",
+              "pytest_gpu"]
 NEED_CUDA = ["fused_adamw", "deepspeed", "infer_fp16", "infer_offload"]
 
 
@@ -44,7 +45,7 @@ def test_tiny_mode_runs_every_check_and_reports_each_once(tmp_path):
     rows = [json.loads(x) for x in (work / "results.jsonl").read_text().splitlines()]
     assert [r["name"] for r in rows] == ["model", "data", "train", "sigterm", "resume_ema", "fused_adamw",
                                          "deepspeed", "infer_bf16", "infer_fp16", "infer_offload",
-                                         "throughput", "pytest_gpu"]
+                                         "throughput", "throughput_loop", "pytest_gpu"]
     by_name = {r["name"]: r for r in rows}
     assert all(by_name[n]["status"] == "ok" and by_name[n]["seconds"] >= 0 for n in RUN_ON_CPU)
     assert all(by_name[n]["status"] == "skip" for n in NEED_CUDA)
@@ -56,7 +57,10 @@ def test_tiny_mode_runs_every_check_and_reports_each_once(tmp_path):
     assert fig["resume_ema"]["from_step"] == fig["sigterm"]["step"]
     assert fig["resume_ema"]["final_step"] == fig["sigterm"]["step"] + 2
     assert fig["infer_bf16"]["size"] == "64x64" and fig["infer_bf16"]["pixel_std"] > 0
-    assert fig["throughput"]["cache_samples_per_s"] > 0
+    assert fig["throughput"]["adamw_samples_per_s"] > 0 and "recipe_samples_per_s" not in fig["throughput"]  # no CUDA
+    loop = fig["throughput_loop"]
+    assert loop["samples_per_s"] > 0 and loop["samples_per_s_last"] > 0 and loop["wall_s"] > 0
+    assert (loop["steps"], loop["optimizer"], loop["compile"]) == (4, "adamw", "none")
     assert fig["pytest_gpu"]["passed"] == 0 and fig["pytest_gpu"]["skipped"] > 0  # CUDA is hidden in --tiny
     # what a GPU machine collects from $OUT
     assert (out / "gpu_check" / "results.jsonl").read_text() == (work / "results.jsonl").read_text()
@@ -77,3 +81,14 @@ def test_without_cuda_and_without_tiny_one_line_and_exit_2(tmp_path):
     assert proc.stdout == "" and len(proc.stderr.splitlines()) == 1
     assert re.match(r"error: no CUDA GPU found .*--tiny", proc.stderr)
     assert not (tmp_path / "work").exists()
+
+
+def test_only_runs_the_named_checks_and_refuses_an_unknown_one(tmp_path):
+    work = tmp_path / "work"
+    proc = gpu_check("--tiny", "--only", "model,data", "--work_dir", work, env=clean_env(), timeout=600)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert [json.loads(x)["name"] for x in (work / "results.jsonl").read_text().splitlines()] == ["model", "data"]
+    assert proc.stdout.splitlines()[-1] == "2 passed, 0 failed, 0 skipped"
+    proc = gpu_check("--tiny", "--only", "model,trian", "--work_dir", tmp_path / "other", env=clean_env(), timeout=60)
+    assert proc.returncode == 2 and proc.stderr.startswith("error: --only: no check named trian")
+    assert not (tmp_path / "other").exists()

@@ -131,6 +131,13 @@ def test_time_ids_are_per_sample_and_sized_to_a_short_batch():
     assert compute_time_ids(sizes[:1], crops[:1], (512, 512)).shape == (1, 6)
 
 
+def test_time_ids_are_made_where_the_sizes_are():
+    # encoding on the fly, the sizes arrive on the GPU with the batch: a target size made on the
+    # CPU could not be concatenated to them (the meta device stands in for CUDA here)
+    sizes = torch.zeros(2, 2, device="meta")
+    assert compute_time_ids(sizes, sizes, (512, 768)).device.type == "meta"
+
+
 def test_resize_keeps_the_aspect_ratio_and_the_crop_is_reflected_in_the_ids():
     a = Image.new("RGB", (200, 100), (255, 0, 0))
     b = Image.new("RGB", (200, 100), (0, 0, 255))

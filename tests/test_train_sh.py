@@ -98,3 +98,36 @@ def test_sigterm_checkpoints_and_train_sh_exits_75(tiny_sdxl, tiny_pairs, tmp_pa
     assert [p.name for p in out.glob("checkpoint-*")] == [f"checkpoint-{step}"]
     assert (stdout + err).count("received SIGTERM") == processes  # once each: a second one stops at once
     assert "Traceback" not in err
+
+
+def test_two_compiled_processes_stop_together_when_only_one_gets_a_sigterm(tiny_sdxl, tiny_pairs, tmp_path):
+    """DDP (static graph, gradients as bucket views) with regional compilation, gradient
+    checkpointing and accumulation trains; a SIGTERM to the second process alone reaches the first
+    through the flag reduce that is read one optimizer step later: both checkpoint the same step."""
+    out = tmp_path / "run"
+    proc = start(*tiny(tiny_sdxl, tiny_pairs, out, "--max_train_steps", 500, "--checkpointing_steps", 1000,
+                       "--validation_steps", 1000, "--torch_compile", "--gradient_checkpointing",
+                       "--gradient_accumulation_steps", 2), processes=2, logs=tmp_path)
+    metrics = out / "logs" / "metrics.jsonl"
+    deadline = time.monotonic() + 400  # the first step compiles
+    while not (metrics.exists() and len(metrics.read_text().splitlines()) >= 2):
+        if proc.poll() is not None or time.monotonic() > deadline:
+            finish(proc, 10, tmp_path)
+            raise AssertionError(f"no two optimizer steps logged (exit {proc.returncode})")
+        time.sleep(0.2)
+    seen = len(metrics.read_text().splitlines())
+    ranks = {p.environ().get("RANK"): p for p in psutil.Process(proc.pid).children(recursive=True)
+             if "train_instruct_pix2pix_sdxl.py" in " ".join(p.cmdline())}
+    assert set(ranks) == {"0", "1"}, ranks
+    ranks["1"].send_signal(signal.SIGTERM)
+    rc, stdout, err = finish(proc, 300, tmp_path)
+    assert rc == 75, err[-3000:]
+    rows = [json.loads(line) for line in metrics.read_text().splitlines()]
+    step = rows[-1]["step"]
+    # signalled during step seen + 1 at the latest: seen by both after the step that follows
+    assert seen < step <= seen + 3, (seen, step)
+    assert f"stopped by a signal on another process at optimizer step {step}" in stdout + err
+    assert [p.name for p in out.glob("checkpoint-*")] == [f"checkpoint-{step}"]
+    assert (stdout + err).count("received SIGTERM") == 1
+    assert "torch.compile (regional): the first optimizer step took" in stdout + err
+    assert all(r["loss"] == r["loss"] for r in rows)

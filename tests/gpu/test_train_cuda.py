@@ -65,3 +65,10 @@ def test_adamw_is_fused_on_cuda():
     assert isinstance(opt, torch.optim.AdamW) and opt.defaults["fused"] is True
     param.grad = torch.ones_like(param)
     opt.step()
+
+
+def test_encoding_on_the_fly_trains_on_cuda(train, metrics, tmp_path):
+    # the batch reaches the step on the GPU, sizes included: the time ids must be made there
+    out = tmp_path / "run"
+    train(out, "--no_cache_latents", "--mixed_precision", "bf16", "--max_train_steps", 2)
+    assert [r["step"] for r in metrics(out)] == [1, 2]

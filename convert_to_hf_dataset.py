@@ -21,7 +21,7 @@ from __future__ import annotations
 import sys
 
 from ip2p.cli_args import FlagParser
-from ip2p.data import REASONS, ConvertOptions, convert
+from ip2p.convert import REASONS, ConvertOptions, convert
 from ip2p.errors import cli
 
 LAYOUTS = (

@@ -44,7 +44,7 @@ from ip2p.errors import cli  # noqa: E402
 @cli
 def main(argv: list[str] | None = None) -> int:
     args = FlagParser(EvaluateArgs, "evaluate.py", description=__doc__).parse(argv)
-    from ip2p.evaluate import run  # torch, diffusers, transformers: only once the flags are good
+    from ip2p.evaluation.evaluate import run  # torch, diffusers, transformers: only once the flags are good
 
     return run(args)
 

@@ -56,7 +56,7 @@ def parse_args(argv: list[str] | None = None) -> InferenceArgs:
 @cli
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    from ip2p.infer import run  # torch and diffusers: only once the flags are good (--help stays instant)
+    from ip2p.inference.edit import run  # torch and diffusers: only once the flags are good (--help stays instant)
 
     return run(args)
 

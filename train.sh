@@ -43,7 +43,7 @@ gpus=$("$python" -c 'import torch; print(torch.cuda.device_count())' 2>/dev/null
 launch=()
 if [[ $gpus == 0 ]]; then
   if [[ $recipe_given == no ]]; then
-    echo "error: no CUDA GPU found, and the default recipe (SDXL at 1024 on 8 GPUs) needs them; on this machine run the CPU recipe: ./train.sh --config configs/tiny_cpu.yaml --pretrained_model_name_or_path TINY_MODEL_DIR --data_dir DATA_DIR (make TINY_MODEL_DIR with: python -m ip2p.tiny_model --output_dir TINY_MODEL_DIR)" >&2
+    echo "error: no CUDA GPU found, and the default recipe (SDXL at 1024 on 8 GPUs) needs them; on this machine run the CPU recipe: ./train.sh --config configs/tiny_cpu.yaml --pretrained_model_name_or_path TINY_MODEL_DIR --data_dir DATA_DIR (make TINY_MODEL_DIR with: python -m ip2p.tiny.model --output_dir TINY_MODEL_DIR)" >&2
     exit 2
   fi
   cpu_processes=${CPU_PROCESSES:-1}
@@ -72,10 +72,10 @@ else
   fi
 fi
 
-# ip2p/launch.py is accelerate's launcher returning the trainer's exit code, without the launcher's
+# ip2p/training/launch.py is accelerate's launcher returning the trainer's exit code, without the launcher's
 # traceback; it runs as train.sh's own process (exec), so a signal to train.sh reaches it
 export PYTHONPATH="$here${PYTHONPATH:+:$PYTHONPATH}"
-cmd=("$python" -m ip2p.launch "${launch[@]}" "$here/train_instruct_pix2pix_sdxl.py" "${recipe[@]}" "$@")
+cmd=("$python" -m ip2p.training.launch "${launch[@]}" "$here/train_instruct_pix2pix_sdxl.py" "${recipe[@]}" "$@")
 if [[ -n ${TRAIN_SH_DRY_RUN:-} ]]; then
   printf '%q ' PYTHONPATH="$PYTHONPATH" "${cmd[@]}"; echo
   exit 0

@@ -6,7 +6,7 @@ Usually launched through ./train.sh (accelerate). Directly, on one process:
     python train_instruct_pix2pix_sdxl.py --config configs/sdxl_1024_8xa100.yaml \\
         --pretrained_model_name_or_path stabilityai/stable-diffusion-xl-base-1.0 --data_dir ./data_hf
 
-    # the tiny CPU recipe, on a tiny model from `python -m ip2p.tiny_model --output_dir tiny-sdxl`
+    # the tiny CPU recipe, on a tiny model from `python -m ip2p.tiny.model --output_dir tiny-sdxl`
     python train_instruct_pix2pix_sdxl.py --config configs/tiny_cpu.yaml \\
         --pretrained_model_name_or_path tiny-sdxl --data_dir ./data_hf --output_dir ./tiny-run
 
@@ -22,7 +22,7 @@ after saving a checkpoint of the step in progress (run again with --resume_from_
 
 import sys
 
-from ip2p.config import parse_config, validate
+from ip2p.training.config import parse_config, validate
 from ip2p.errors import cli
 
 
@@ -30,7 +30,7 @@ from ip2p.errors import cli
 def main(argv=None) -> int:
     cfg = parse_config(argv)
     validate(cfg)
-    from ip2p.train import train
+    from ip2p.training.loop import train
 
     return train(cfg)
 

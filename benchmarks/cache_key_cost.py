@@ -28,7 +28,7 @@ from PIL import Image
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from ip2p.fingerprint import CONVERTER_COLUMNS, compute_dataset_fingerprint, module_fingerprint  # noqa: E402
-from ip2p.sdxl_arch import sdxl_text_encoders, sdxl_vae  # noqa: E402
+from ip2p.tiny.sdxl_arch import sdxl_text_encoders, sdxl_vae  # noqa: E402
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 

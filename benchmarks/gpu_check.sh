@@ -7,7 +7,7 @@
 #   bash benchmarks/gpu_check.sh --only model,throughput,throughput_loop   # some checks only (the speed table)
 #
 # Checks, in order: model (the SDXL architecture with random weights in the hub layout,
-# python -m ip2p.sdxl_arch), data (synthetic pairs through convert_to_hf_dataset.py), train
+# python -m ip2p.tiny.sdxl_arch), data (synthetic pairs through convert_to_hf_dataset.py), train
 # (./train.sh with the default recipe, through the latent cache, with validation, 8-bit Adam and EMA;
 # stopped by a SIGTERM to the trainer after step 2), sigterm (the trainer checkpointed the step in
 # progress and exited 75), resume_ema (--resume_from_checkpoint latest with --use_ema reaches the
@@ -21,7 +21,7 @@
 # the others. The last line is `N passed, M failed, K skipped`; the exit code is 1 when any
 # failed, 2 without CUDA (and without --tiny).
 #
-# --tiny swaps only the sizes: python -m ip2p.tiny_model, configs/tiny_cpu.yaml, 64x64 pairs, the
+# --tiny swaps only the sizes: python -m ip2p.tiny.model, configs/tiny_cpu.yaml, 64x64 pairs, the
 # CPU (CUDA hidden); the checks that need CUDA print `skip NAME: needs CUDA`. CI runs it.
 #
 # Everything goes into --work_dir (default: a new temporary folder): logs/NAME.log per check and
@@ -177,7 +177,7 @@ if [[ $tiny == yes ]]; then
   mode=tiny res=64 device=cpu
   recipe=(--config configs/tiny_cpu.yaml)
   sized=(--dataloader_num_workers 0)
-  make_model=("$python" -m ip2p.tiny_model --output_dir "$model")
+  make_model=("$python" -m ip2p.tiny.model --output_dir "$model")
   variants=recipe,adamw  # recipe: the skipped row of 8-bit Adam on the CPU
   throughput=(--tiny --steps 2 --warmup 1 --num_samples 8 --loader_workers 0)
   throughput_loop=(--tiny --steps 4 --logging_steps 2)
@@ -188,7 +188,7 @@ else
   # bf16 saves halve each 10 GB UNet write; the disk must hold model, checkpoint and pipelines at once
   sized=(--dataloader_num_workers 2 --save_dtype bf16)
   # random init of 3.5 B parameters: seconds on the GPU, minutes on a CPU; fp16 files load as fp32
-  make_model=("$python" -m ip2p.sdxl_arch --output_dir "$model" --device cuda --dtype fp16)
+  make_model=("$python" -m ip2p.tiny.sdxl_arch --output_dir "$model" --device cuda --dtype fp16)
   # the compiled variants compile in their first step (compile_s); torchao8bit (added when torchao
   # imports) compiles its step once per parameter shape; a full compile of the UNet would take minutes
   variants=recipe,recipe+ckpt,adamw,recipe+compile,adamw+compile
@@ -243,7 +243,7 @@ PY
 
 check_data() {
   rm -rf "$src" "$data"
-  bounded 300 "$python" -m ip2p.sample_data --output_dir "$src" --num_pairs 8 --size "$res" \
+  bounded 300 "$python" -m ip2p.tiny.sample_data --output_dir "$src" --num_pairs 8 --size "$res" \
     || fail "sample_data failed: $(last_error)"
   # a quarter held out: the trainer then logs its held-out losses at each validation
   bounded 300 "$python" convert_to_hf_dataset.py --data_dir "$src" --output_dir "$data" --val_fraction 0.25 \

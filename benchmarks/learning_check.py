@@ -3,20 +3,20 @@
     python benchmarks/learning_check.py [--output_dir DIR] [--num_pairs 2400] [--vae_steps 500]
                                         [--train_steps 12000] [--eval_pairs 64] [--seed 0]
 
-On the demo's synthetic task (python -m ip2p.sample_data: recolour the shape, recolour the
+On the demo's synthetic task (python -m ip2p.tiny.sample_data: recolour the shape, recolour the
 background, swap square and circle; the instruction fully determines the edit), all through the
 kit's own entry points:
 
   1. edit pairs -> convert_to_hf_dataset.py --val_fraction 0.15 (a held-out split);
-  2. python -m ip2p.tiny_model, whose random VAE is then fitted for a few minutes on the training
-     images (ip2p.learning.fit_vae: a random VAE scrambles images, see the design notes);
+  2. python -m ip2p.tiny.model, whose random VAE is then fitted for a few minutes on the training
+     images (ip2p.tiny.learning.fit_vae: a random VAE scrambles images, see the design notes);
   3. train_instruct_pix2pix_sdxl.py --config configs/tiny_cpu.yaml with a larger batch, a cosine
      schedule and EMA (the flags are in the summary's train_command); it logs the held-out
      denoising loss with the right instruction, a wrong one and no photo (logs/heldout.jsonl);
   4. the saved pipeline edits held-out photos with their own instruction and with another pair's
-     (ip2p.learning.edit_errors), compared with the ground truth and with copying the photo;
+     (ip2p.tiny.learning.edit_errors), compared with the ground truth and with copying the photo;
   5. the trained UNet's one-step denoised estimates at fixed noise levels, beside the best
-     estimate that takes the photo for the edit (ip2p.learning.denoised_errors).
+     estimate that takes the photo for the edit (ip2p.tiny.learning.denoised_errors).
 
 "learns" is true when, at the end: the held-out loss is lower with the right instruction than
 with a wrong one and than without the photo (by 2% each); at t=900 (98.6% of the variance is
@@ -46,7 +46,7 @@ sys.path.insert(0, str(REPO))
 
 import torch  # noqa: E402
 
-from ip2p.learning import (  # noqa: E402
+from ip2p.tiny.learning import (  # noqa: E402
     denoised_errors, denoised_verdict, edit_errors, edit_verdict, fit_vae, heldout_verdict,
     training_images)
 
@@ -78,7 +78,7 @@ def read_curve(out: Path) -> list[dict]:
 
 
 def check_edits(pipeline_dir: Path, data: Path, n: int, seed: int) -> dict:
-    """ip2p.learning.edit_errors on the first `n` held-out pairs, with inference.py's defaults."""
+    """ip2p.tiny.learning.edit_errors on the first `n` held-out pairs, with inference.py's defaults."""
     import datasets
     from diffusers import StableDiffusionXLInstructPix2PixPipeline
 
@@ -91,14 +91,14 @@ def check_edits(pipeline_dir: Path, data: Path, n: int, seed: int) -> dict:
 
 
 def check_denoising(cmd: list[str], pipeline_dir: Path) -> dict:
-    """ip2p.learning.denoised_errors on the held-out pairs the trainer used (same flags, same
+    """ip2p.tiny.learning.denoised_errors on the held-out pairs the trainer used (same flags, same
     encoding), with the trained UNet."""
     from diffusers import UNet2DConditionModel
 
-    from ip2p.config import parse_config
-    from ip2p.dataset import load_splits
+    from ip2p.training.config import parse_config
+    from ip2p.training.pairs import load_splits
     from ip2p.models import load_parts
-    from ip2p.train import encode_heldout_split
+    from ip2p.training.loop import encode_heldout_split
 
     cfg = parse_config(cmd[2:])
     parts = load_parts(cfg)
@@ -132,11 +132,11 @@ def main(argv=None) -> int:
     raw, data, model, out = work / "pairs", work / "data", work / "tiny-sdxl", work / "run"
     py, timings = sys.executable, {}
 
-    run([py, "-m", "ip2p.sample_data", "--output_dir", str(raw), "--num_pairs", str(a.num_pairs),
+    run([py, "-m", "ip2p.tiny.sample_data", "--output_dir", str(raw), "--num_pairs", str(a.num_pairs),
          "--size", "64", "--seed", str(a.seed), "--overwrite"], work / "sample_data.log")
     run([py, "convert_to_hf_dataset.py", "--data_dir", str(raw), "--output_dir", str(data),
          "--val_fraction", "0.15", "--overwrite"], work / "convert.log")
-    run([py, "-m", "ip2p.tiny_model", "--output_dir", str(model), "--seed", str(a.seed), "--overwrite"],
+    run([py, "-m", "ip2p.tiny.model", "--output_dir", str(model), "--seed", str(a.seed), "--overwrite"],
         work / "tiny_model.log")
     timings["data_and_model_s"] = round(time.time() - t0, 1)
 

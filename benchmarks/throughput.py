@@ -7,10 +7,10 @@
     python benchmarks/throughput.py --loop               # ./train.sh, the default recipe, 30 steps
     python benchmarks/throughput.py --loop --tiny --loop_flags "--torch_compile"
 
-The step. Each variant builds a fresh UNet and optimizer and runs `ip2p.step.train_micro_step` (the
+The step. Each variant builds a fresh UNet and optimizer and runs `ip2p.training.step.train_micro_step` (the
 function the training loop calls) through accelerate, fed by the same producers as training: the
-latent cache (`ip2p.cache`, built here from synthetic pairs through the real build path) or
-encoding on the fly (`ip2p.encode`). The optimizer and the compilation are the trainer's own
+latent cache (`ip2p.training.cache`, built here from synthetic pairs through the real build path) or
+encoding on the fly (`ip2p.training.encode`). The optimizer and the compilation are the trainer's own
 (`make_optimizer`, `compile_unet`). A variant is a source, an optimizer (as --optimizer names it),
 gradient checkpointing or not, and a compile mode (as --torch_compile_mode):
 
@@ -33,9 +33,9 @@ work), which must stay well above the GPU's rate.
 
 The loop (--loop; benchmarks/throughput_loop.py). The step leaves out what the training loop adds
 around it (the DataLoader in its real configuration, logging, the non-finite check, gradient
-accumulation); --loop times the real thing. It builds a model folder (`python -m ip2p.sdxl_arch`,
-SDXL with random weights; with --tiny `python -m ip2p.tiny_model`; or --model), synthetic pairs
-(`python -m ip2p.sample_data`, then `convert_to_hf_dataset.py`, one epoch's worth), and runs
+accumulation); --loop times the real thing. It builds a model folder (`python -m ip2p.tiny.sdxl_arch`,
+SDXL with random weights; with --tiny `python -m ip2p.tiny.model`; or --model), synthetic pairs
+(`python -m ip2p.tiny.sample_data`, then `convert_to_hf_dataset.py`, one epoch's worth), and runs
 `./train.sh` with configs/sdxl_1024_8xa100.yaml (with --tiny configs/tiny_cpu.yaml on the CPU) for
 --steps optimizer steps, on one GPU unless $ACCELERATE_CONFIG says otherwise, without checkpoints or
 validation, plus --loop_flags; the latent cache is built before the first step. Its one JSON line
@@ -67,16 +67,16 @@ from PIL import Image
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from ip2p.cache import CachedPairs, LatentCache, build_cache, cache_key, cached_batch  # noqa: E402
-from ip2p.config import parse_config  # noqa: E402
-from ip2p.dataset import TrainPairs, load_hf_dataset, make_dataloader  # noqa: E402
-from ip2p.encode import OnTheFlyEncoder  # noqa: E402
+from ip2p.training.cache import CachedPairs, LatentCache, build_cache, cache_key, cached_batch  # noqa: E402
+from ip2p.training.config import parse_config  # noqa: E402
+from ip2p.training.pairs import TrainPairs, load_hf_dataset, make_dataloader  # noqa: E402
+from ip2p.training.encode import OnTheFlyEncoder  # noqa: E402
 from ip2p.errors import UserError  # noqa: E402
 from ip2p.method import expand_conv_in  # noqa: E402
-from ip2p.sdxl_arch import sdxl_unet  # noqa: E402
-from ip2p.step import forward_loss, train_micro_step  # noqa: E402
-from ip2p.tiny_model import tiny_unet  # noqa: E402
-from ip2p.train_setup import DTYPES, compile_unet, make_optimizer, peak_memory_gib, place_encoders  # noqa: E402
+from ip2p.tiny.sdxl_arch import sdxl_unet  # noqa: E402
+from ip2p.training.step import forward_loss, train_micro_step  # noqa: E402
+from ip2p.tiny.model import tiny_unet  # noqa: E402
+from ip2p.training.setup import DTYPES, compile_unet, make_optimizer, peak_memory_gib, place_encoders  # noqa: E402
 
 
 class Variant(NamedTuple):
@@ -132,12 +132,12 @@ def synthetic_pairs(folder: Path, n: int, size: int) -> Path:
 def load_model_parts(tiny: bool, workdir: Path, device):
     if tiny:
         from ip2p.models import load_parts
-        from ip2p.tiny_model import build_tiny_sdxl
+        from ip2p.tiny.model import build_tiny_sdxl
 
         path = build_tiny_sdxl(workdir / "tiny-sdxl")
         return load_parts(SimpleNamespace(pretrained_model_name_or_path=str(path), revision=None, variant=None,
                                           pretrained_vae_model_name_or_path=None))
-    from ip2p.sdxl_arch import sdxl_parts
+    from ip2p.tiny.sdxl_arch import sdxl_parts
 
     # the encoders are made on the GPU (seconds, not minutes of random init on the CPU) and moved to
     # the CPU between uses; each variant makes its own UNet

@@ -21,7 +21,7 @@ from pathlib import Path
 
 import yaml
 
-from ip2p.config import parse_config  # throughput.py has put the repository on sys.path
+from ip2p.training.config import parse_config  # throughput.py has put the repository on sys.path
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -42,7 +42,7 @@ def die_with_parent() -> None:
 
 def end_session(proc: subprocess.Popen) -> None:
     """KILL the child's process group, and the processes under it that run in sessions of their own
-    (the trainer under ip2p.launch, torch elastic's ranks)."""
+    (the trainer under ip2p.training.launch, torch elastic's ranks)."""
     import psutil  # an accelerate dependency
 
     try:
@@ -128,11 +128,11 @@ def run_loop(args, cuda: bool, device: str) -> dict:
         model = args.model
         if not model:
             model = tmp / "model"
-            build = (["-m", "ip2p.tiny_model", "--output_dir", model] if args.tiny else
-                     ["-m", "ip2p.sdxl_arch", "--output_dir", model, "--device", "cuda", "--dtype", "fp16"])
+            build = (["-m", "ip2p.tiny.model", "--output_dir", model] if args.tiny else
+                     ["-m", "ip2p.tiny.sdxl_arch", "--output_dir", model, "--device", "cuda", "--dtype", "fp16"])
             run_logged([sys.executable, *build], log, 900, env)
         pairs = args.num_samples or samples_for(args, config, flags, cuda)
-        run_logged([sys.executable, "-m", "ip2p.sample_data", "--output_dir", tmp / "pairs", "--num_pairs", pairs,
+        run_logged([sys.executable, "-m", "ip2p.tiny.sample_data", "--output_dir", tmp / "pairs", "--num_pairs", pairs,
                     "--size", args.resolution], log, 900, env)
         run_logged([sys.executable, "convert_to_hf_dataset.py", "--data_dir", tmp / "pairs", "--output_dir",
                     tmp / "data"], log, 900, env)

@@ -63,7 +63,7 @@ def write_pairs_dataset(path: Path, n: int = 10, seed: int = 0) -> Path:
 @pytest.fixture(scope="session")
 def tiny_sdxl(tmp_path_factory) -> Path:
     """A tiny base SDXL (4-channel UNet) in the hub layout, built once per test session."""
-    from ip2p.tiny_model import build_tiny_sdxl
+    from ip2p.tiny.model import build_tiny_sdxl
 
     return build_tiny_sdxl(tmp_path_factory.mktemp("tiny") / "sdxl")
 
@@ -83,7 +83,7 @@ def tiny_ip2p(tmp_path_factory) -> Path:
     import torch
     from diffusers import UNet2DConditionModel
 
-    from ip2p.tiny_model import build_tiny_sdxl
+    from ip2p.tiny.model import build_tiny_sdxl
 
     path = build_tiny_sdxl(tmp_path_factory.mktemp("tiny") / "ip2p", instruct_pix2pix=True)
     unet = UNet2DConditionModel.from_pretrained(path / "unet")

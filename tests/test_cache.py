@@ -7,10 +7,10 @@ import pytest
 import torch
 from safetensors import safe_open
 
-from ip2p.cache import CachedPairs, LatentCache, build_cache, cache_key
-from ip2p.config import parse_config
-from ip2p.dataset import TrainPairs, load_hf_dataset
-from ip2p.encode import OnTheFlyEncoder
+from ip2p.training.cache import CachedPairs, LatentCache, build_cache, cache_key
+from ip2p.training.config import parse_config
+from ip2p.training.pairs import TrainPairs, load_hf_dataset
+from ip2p.training.encode import OnTheFlyEncoder
 from ip2p.models import load_parts
 from test_train_e2e import metrics, run_train, tiny_args
 
@@ -143,7 +143,7 @@ def test_a_reconverted_dataset_with_changed_pairs_is_encoded_again(tiny_sdxl, tm
                                     "--latent_cache_dir", cache)).stdout
 
     src, data, cache = tmp_path / "src", tmp_path / "data_hf", tmp_path / "cache"
-    subprocess.run([sys.executable, "-m", "ip2p.sample_data", "--output_dir", str(src), "--num_pairs", "6"],
+    subprocess.run([sys.executable, "-m", "ip2p.tiny.sample_data", "--output_dir", str(src), "--num_pairs", "6"],
                    cwd=ROOT, check=True, capture_output=True, timeout=300)
     convert()
     assert "latent cache: encoding" in train("first")

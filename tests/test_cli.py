@@ -73,7 +73,7 @@ def test_hyphens_and_underscores_are_the_same_flag_in_every_script():
     from convert_to_hf_dataset import build_parser
     from inference import parse_args
     from ip2p.cli_args import EvaluateArgs, FlagParser
-    from ip2p.config import parse_config
+    from ip2p.training.config import parse_config
 
     def same(parse, underscored):
         hyphenated = [a.replace("_", "-") if a.startswith("--") else a for a in underscored]
@@ -97,7 +97,7 @@ def test_hyphens_and_underscores_are_the_same_flag_in_every_script():
 
 
 def test_the_bool_flag_forms_that_worked_still_work():
-    from ip2p.config import parse_config
+    from ip2p.training.config import parse_config
 
     cfg = parse_config(["--random_flip", "--use_8bit_adam", "false", "--center_crop", "true", "--no_cache_latents"])
     assert (cfg.random_flip, cfg.use_8bit_adam, cfg.center_crop, cfg.cache_latents) == (True, False, True, False)
@@ -112,7 +112,7 @@ def test_a_bad_value_is_one_line():
 
 
 def test_a_recipe_gets_the_same_rules(tmp_path):
-    from ip2p.config import parse_config
+    from ip2p.training.config import parse_config
     from ip2p.errors import UserError
 
     recipe = tmp_path / "r.yaml"
@@ -174,7 +174,7 @@ def test_trainer_help_is_grouped_and_states_each_default_once():
 
 
 def test_every_trainer_flag_is_in_a_section_and_keeps_its_diffusers_name():
-    from ip2p.config import build_parser
+    from ip2p.training.config import build_parser
     from test_config import DIFFUSERS_FLAGS
 
     parser = build_parser()
@@ -186,7 +186,7 @@ def test_every_trainer_flag_is_in_a_section_and_keeps_its_diffusers_name():
 
 
 def test_evaluate_help_describes_the_tradeoff_axes_as_plotted():
-    # ip2p/eval_report.py plots x = the edit metric, y = CLIP image similarity to the input
+    # ip2p/evaluation/report.py plots x = the edit metric, y = CLIP image similarity to the input
     text = " ".join(run_script("evaluate.py", "--help").stdout.split())
     assert "x: how well the edit is followed, CLIP directional similarity" in text
     assert "y: how much of the photo is kept, CLIP image similarity to the input" in text

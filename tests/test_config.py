@@ -3,7 +3,7 @@
 import pytest
 import yaml
 
-from ip2p.config import RESOLVED_CONFIG_NAME, parse_config, validate, write_resolved
+from ip2p.training.config import RESOLVED_CONFIG_NAME, parse_config, validate, write_resolved
 from ip2p.errors import UserError
 
 # Every flag of diffusers' examples/instruct_pix2pix/train_instruct_pix2pix_sdxl.py.
@@ -23,7 +23,7 @@ BOOL_FLAGS = {"center_crop", "random_flip", "gradient_checkpointing", "scale_lr"
 
 
 def test_every_diffusers_flag_is_accepted_with_its_name():
-    from ip2p.config import FIELD_NAMES
+    from ip2p.training.config import FIELD_NAMES
 
     assert set(DIFFUSERS_FLAGS) <= set(FIELD_NAMES)
     argv = []
@@ -90,7 +90,7 @@ def test_bad_flag_values_are_user_errors(argv, message):
 def test_push_to_hub_uploads_the_pipeline_but_no_checkpoint_log_or_cache(tmp_path):
     from huggingface_hub.utils import filter_repo_objects
 
-    from ip2p.hub import hub_ignore_patterns
+    from ip2p.training.hub import hub_ignore_patterns
 
     files = ["model_index.json", "unet/diffusion_pytorch_model.safetensors", "README.md", "validation/step-6.png",
              "training_config.yaml", "checkpoint-500/optimizer.bin", "checkpoint-500/model.safetensors",
@@ -107,7 +107,7 @@ def test_push_to_hub_uploads_the_pipeline_but_no_checkpoint_log_or_cache(tmp_pat
 
 
 def test_silent_defaults_get_a_warning_and_the_recipes_have_none():
-    from ip2p.config import silent_default_warnings
+    from ip2p.training.config import silent_default_warnings
 
     bare = silent_default_warnings(parse_config([]))
     assert len(bare) == 2
@@ -120,7 +120,7 @@ def test_silent_defaults_get_a_warning_and_the_recipes_have_none():
 
 
 def test_help_states_the_crop_policy():
-    from ip2p.config import build_parser
+    from ip2p.training.config import build_parser
 
     text = " ".join(build_parser().format_help().split())
     assert "drawn once per sample from --seed and kept for the whole run" in text

@@ -29,7 +29,7 @@ from convert_helpers import (
 )
 from PIL import Image
 
-import ip2p.data.shards
+import ip2p.convert.shards
 from ip2p.images import to_rgb
 
 
@@ -468,7 +468,7 @@ def test_failure_midway_leaves_no_output_and_no_temp_folder(tmp_path, dst, monke
     src = tmp_path / "data"
     write_manifest(src / "m.jsonl", pair_files(src, 6))
     calls = []
-    real = ip2p.data.shards.check_record
+    real = ip2p.convert.shards.check_record
 
     def flaky(record, zips):
         calls.append(1)
@@ -476,7 +476,7 @@ def test_failure_midway_leaves_no_output_and_no_temp_folder(tmp_path, dst, monke
             raise RuntimeError("disk on fire")
         return real(record, zips)
 
-    monkeypatch.setattr(ip2p.data.shards, "check_record", flaky)
+    monkeypatch.setattr(ip2p.convert.shards, "check_record", flaky)
     with pytest.raises(RuntimeError, match="disk on fire"):
         run("--data_dir", src, "--output_dir", dst)
     assert not dst.exists()
@@ -494,7 +494,7 @@ def test_existing_output_refused_then_replaced_with_overwrite(tmp_path, dst, cap
     assert err.count("\n") == 1 and "--overwrite" in err
     assert (dst / "keep.txt").read_text() == "old"
 
-    monkeypatch.setattr(ip2p.data.shards, "check_record", lambda *a: 1 / 0)
+    monkeypatch.setattr(ip2p.convert.shards, "check_record", lambda *a: 1 / 0)
     with pytest.raises(ZeroDivisionError):
         run("--data_dir", src, "--output_dir", dst, "--overwrite")
     assert (dst / "keep.txt").read_text() == "old"  # a failed run leaves the old output alone

@@ -34,7 +34,7 @@ import pytest
 from convert_helpers import image_bytes, load, raw_rows, rejected, report, run
 from PIL import Image, features
 
-from ip2p.data.records import (
+from ip2p.convert.records import (
     EMPTY_IMAGE,
     EMPTY_INSTRUCTION,
     MISSING_IMAGE,

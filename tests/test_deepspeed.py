@@ -57,7 +57,7 @@ def test_zero2_trains_skips_a_non_finite_step_checkpoints_and_resumes(tiny_sdxl,
     patched.write_text(textwrap.dedent(f"""
         import sys
         sys.path.insert(0, {str(ROOT)!r})
-        import ip2p.step as step
+        import ip2p.training.step as step
         real, calls = step.forward_loss, []
         def forward_loss(*args, **kwargs):
             calls.append(1)

@@ -51,7 +51,7 @@ def test_demo_runs_every_stage(tmp_path):
 
 
 def test_sample_data_can_keep_one_edit_family():
-    from ip2p.sample_data import EDITS, check_edits, held_out_example, make_pairs
+    from ip2p.tiny.sample_data import EDITS, check_edits, held_out_example, make_pairs
 
     pairs = make_pairs(30, 32, seed=0, edits=("recolour_background",))
     assert all("background" in p.edit_prompt for p in pairs)
@@ -64,7 +64,7 @@ def test_sample_data_can_keep_one_edit_family():
 
 
 def test_score_prints_both_figures_and_writes_the_grid(tmp_path, capsys):
-    from ip2p.demo import main
+    from ip2p.tiny.demo import main
 
     Image.new("RGB", (8, 8), (0, 0, 0)).save(tmp_path / "photo.png")
     Image.new("RGB", (8, 8), (255, 255, 255)).save(tmp_path / "expected.png")

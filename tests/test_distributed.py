@@ -97,7 +97,7 @@ def test_repeats_per_epoch_are_what_accelerate_serves():
     import torch
     from accelerate.data_loader import prepare_data_loader
 
-    from ip2p.dataset import make_dataloader, repeats_per_epoch
+    from ip2p.training.pairs import make_dataloader, repeats_per_epoch
 
     class Indices(torch.utils.data.Dataset):
         def __init__(self, n):

@@ -14,7 +14,7 @@ from PIL import Image
 
 from conftest import png_bytes, write_pairs_dataset
 from evaluate import main
-from ip2p import metrics as M
+from ip2p.evaluation import metrics as M
 from ip2p.errors import UserError
 
 FAST = ["--num_inference_steps", "2", "--resolution", "64", "--image_guidance_scales", "1.0,2.0"]
@@ -30,7 +30,7 @@ def model(tiny_ip2p):
 
 @pytest.fixture(scope="module")
 def clip(tmp_path_factory):
-    from ip2p.tiny_clip import build_tiny_clip
+    from ip2p.tiny.clip import build_tiny_clip
 
     return build_tiny_clip(tmp_path_factory.mktemp("tiny") / "clip")
 
@@ -114,7 +114,7 @@ def test_directional_similarity_on_known_values():
 
 
 def test_identical_output_and_ground_truth_score_perfectly(clip):
-    from ip2p.evaluate import load_clip
+    from ip2p.evaluation.evaluate import load_clip
 
     import torch
 
@@ -300,7 +300,7 @@ def test_missing_split_and_a_full_output_dir_are_refused(model, clip, good_data,
 def test_load_clip_refuses_a_file(tmp_path):
     import torch
 
-    from ip2p.evaluate import load_clip
+    from ip2p.evaluation.evaluate import load_clip
 
     (tmp_path / "clip.bin").write_bytes(b"x")
     with pytest.raises(UserError, match="is a file"):

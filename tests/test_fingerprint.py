@@ -26,7 +26,7 @@ ROOT = Path(__file__).resolve().parents[1]
 def converted(tmp_path_factory) -> Path:
     """Demo pairs converted with two worker processes and a held-out split."""
     tmp = tmp_path_factory.mktemp("fp")
-    subprocess.run([sys.executable, "-m", "ip2p.sample_data", "--output_dir", str(tmp / "src"), "--num_pairs", "20"],
+    subprocess.run([sys.executable, "-m", "ip2p.tiny.sample_data", "--output_dir", str(tmp / "src"), "--num_pairs", "20"],
                    cwd=ROOT, check=True, capture_output=True, timeout=300)
     proc = subprocess.run([sys.executable, "convert_to_hf_dataset.py", "--data_dir", str(tmp / "src"), "--output_dir",
                            str(tmp / "hf"), "--num_proc", "2", "--val_fraction", "0.25"],

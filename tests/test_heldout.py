@@ -7,10 +7,10 @@ import pytest
 import torch
 
 from conftest import write_pairs_dataset
-from ip2p.config import parse_config
-from ip2p.dataset import TrainPairs, load_splits
-from ip2p.encode import OnTheFlyEncoder
-from ip2p.heldout import encode_heldout, heldout_losses
+from ip2p.training.config import parse_config
+from ip2p.training.pairs import TrainPairs, load_splits
+from ip2p.training.encode import OnTheFlyEncoder
+from ip2p.training.heldout import encode_heldout, heldout_losses
 from ip2p.method import expand_conv_in
 from ip2p.models import load_parts
 from test_train_e2e import run_train, tiny_args

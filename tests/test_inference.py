@@ -14,8 +14,8 @@ from PIL import Image
 from inference import main
 from ip2p.errors import UserError
 from ip2p.grid import make_grid
-from ip2p.infer import inspect_model, output_size, pick_device, unique_output_names
-from ip2p.tiny_model import build_tiny_sdxl
+from ip2p.inference.edit import inspect_model, output_size, pick_device, unique_output_names
+from ip2p.tiny.model import build_tiny_sdxl
 
 STEPS = ["--num_inference_steps", "2"]
 

@@ -13,9 +13,9 @@ import pytest
 import torch
 
 from conftest import run_in_session
-from ip2p.learning import (copy_prior_estimate, denoised_verdict, edit_errors, edit_verdict, fit_vae,
+from ip2p.tiny.learning import (copy_prior_estimate, denoised_verdict, edit_errors, edit_verdict, fit_vae,
                            heldout_verdict, to_tensor)
-from ip2p.sample_data import make_pairs
+from ip2p.tiny.sample_data import make_pairs
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -123,7 +123,7 @@ SHORT_RUN = ["--num_pairs", "400", "--vae_steps", "300", "--vae_batch_size", "8"
 def test_denoised_errors_rows_for_each_timestep_and_variant(tiny_ip2p, one_thread):
     from diffusers import DDPMScheduler, UNet2DConditionModel
 
-    from ip2p.learning import denoised_errors
+    from ip2p.tiny.learning import denoised_errors
     from ip2p.method import EncodedBatch
 
     g = torch.Generator().manual_seed(0)

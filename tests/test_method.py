@@ -6,8 +6,8 @@ import pytest
 import torch
 from PIL import Image
 
-from ip2p.dataset import resize_and_crop
-from ip2p.encode import encode_images, encode_text
+from ip2p.training.pairs import resize_and_crop
+from ip2p.training.encode import encode_images, encode_text
 from ip2p.method import (
     EncodedBatch,
     apply_conditioning_dropout,
@@ -51,7 +51,7 @@ def test_expand_conv_in_copies_weights_and_bias_and_keeps_the_base_output(parts)
 def test_text_comes_from_both_encoders_as_the_pipeline_computes_it(parts):
     from diffusers import StableDiffusionXLPipeline
 
-    from ip2p.dataset import tokenize
+    from ip2p.training.pairs import tokenize
 
     prompts = ["make it red", "turn the sky into sunset"]
     embeds, pooled = encode_text(parts.text_encoder, parts.text_encoder_2,
@@ -182,7 +182,7 @@ def test_the_forward_process_runs_in_fp32_under_bf16(parts):
     the loss must be fp32 whatever the training dtype; autocast casts inside the UNet."""
     from diffusers import UNet2DConditionModel
 
-    from ip2p.step import denoising_loss
+    from ip2p.training.step import denoising_loss
 
     sched = parts.noise_scheduler
     unet = expand_conv_in(UNet2DConditionModel.from_config(parts.unet.config), 8).eval()
@@ -215,7 +215,7 @@ def test_a_bf16_batch_trains_with_an_fp32_forward_process(parts):
     fp32 and hands the UNet an fp32 input (its parameters' dtype) under autocast."""
     from diffusers import UNet2DConditionModel
 
-    from ip2p.step import forward_loss
+    from ip2p.training.step import forward_loss
 
     unet = expand_conv_in(UNet2DConditionModel.from_config(parts.unet.config), 8)
     g = torch.Generator().manual_seed(1)

@@ -175,12 +175,12 @@ def test_sigkill_during_a_save_leaves_the_last_checkpoint_usable(tiny_sdxl, tiny
 def test_a_full_disk_stops_before_the_checkpoint_with_a_clear_message(tiny_sdxl, tiny_pairs, tmp_path):
     out = tmp_path / "run"
     patch = """
-        import ip2p.guards
+        import ip2p.training.guards
         calls = []
         def free_bytes(folder):
             calls.append(folder)
             return 10**15 if len(calls) == 1 else 1000  # room for the first checkpoint only
-        ip2p.guards.free_bytes = free_bytes
+        ip2p.training.guards.free_bytes = free_bytes
     """
     rc, log = finish(start_patched(tmp_path, patch, tiny_args(
         tiny_sdxl, tiny_pairs, out, "--max_train_steps", 6, "--checkpointing_steps", 2, "--report_to", "none")))
@@ -190,14 +190,14 @@ def test_a_full_disk_stops_before_the_checkpoint_with_a_clear_message(tiny_sdxl,
 
 
 NAN_AFTER = """
-    import ip2p.step
-    real = ip2p.step.forward_loss
+    import ip2p.training.step
+    real = ip2p.training.step.forward_loss
     calls = []
     def forward_loss(*a, **k):
         calls.append(1)
         loss = real(*a, **k)
         return loss * float("nan") if len(calls) in BAD_CALLS else loss
-    ip2p.step.forward_loss = forward_loss
+    ip2p.training.step.forward_loss = forward_loss
 """
 
 

@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from ip2p.sample_data import COLOURS, held_out_example, main, make_pairs
+from ip2p.tiny.sample_data import COLOURS, held_out_example, main, make_pairs
 
 
 def as_array(image):

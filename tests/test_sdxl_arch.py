@@ -1,7 +1,7 @@
 """The benchmark's SDXL is the real architecture (built on the meta device: no memory, no time)."""
 
 from ip2p.method import expand_conv_in
-from ip2p.sdxl_arch import sdxl_text_encoders, sdxl_unet, sdxl_vae
+from ip2p.tiny.sdxl_arch import sdxl_text_encoders, sdxl_unet, sdxl_vae
 
 
 def count(module) -> int:

@@ -17,7 +17,7 @@ from test_train_e2e import metrics, run_train, tiny_args
 HOST_READS = """
     import atexit, json, os, torch
     from torch.utils._python_dispatch import TorchDispatchMode
-    import ip2p.step
+    import ip2p.training.step
 
     READS = {torch.ops.aten._local_scalar_dense.default, torch.ops.aten.equal.default,
              torch.ops.aten.is_nonzero.default}
@@ -29,13 +29,13 @@ HOST_READS = """
                 reads[-1] += 1
             return func(*args, **(kwargs or {}))
 
-    PID, mode, real = os.getpid(), HostReads(), ip2p.step.train_micro_step
+    PID, mode, real = os.getpid(), HostReads(), ip2p.training.step.train_micro_step
     def train_micro_step(*a, **k):
         if not reads:
             mode.__enter__()
         reads.append(0)
         return real(*a, **k)
-    ip2p.step.train_micro_step = train_micro_step
+    ip2p.training.step.train_micro_step = train_micro_step
     atexit.register(lambda: os.getpid() == PID and open(OUT, "w").write(json.dumps(reads)))
 """
 
@@ -94,7 +94,7 @@ def test_torch_compile_keeps_the_losses_of_eager_mode(tiny_sdxl, tiny_pairs, tmp
 
 
 def optimizer_config(**overrides):
-    from ip2p.config import TrainConfig
+    from ip2p.training.config import TrainConfig
 
     return TrainConfig(**overrides)
 
@@ -103,7 +103,7 @@ def test_the_optimizer_flag_picks_the_implementation(monkeypatch):
     import torch
 
     from ip2p.errors import UserError
-    from ip2p.train_setup import make_optimizer
+    from ip2p.training.setup import make_optimizer
 
     params = [torch.nn.Parameter(torch.ones(4))]
     adamw = make_optimizer(optimizer_config(), params, 1e-4, torch.device("cpu"))
@@ -123,7 +123,7 @@ def test_a_non_finite_step_leaves_fused_adamw_exactly_as_it_was():
     zeroed gradients for the others; neither reads the norm on the host."""
     import torch
 
-    from ip2p.step import skip_nonfinite_on_device
+    from ip2p.training.step import skip_nonfinite_on_device
 
     def stepped(optimizer_cls, **kw):
         p = torch.nn.Parameter(torch.ones(3))

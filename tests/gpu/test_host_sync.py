@@ -17,7 +17,7 @@ pytestmark = GPU
 # Counts the synchronising CUDA calls per micro-step, from the first micro-step on.
 SYNC_WARNINGS = """
     import atexit, json, os, warnings, torch
-    import ip2p.step
+    import ip2p.training.step
 
     syncs = []  # syncs[k]: from the start of micro-step k to the start of micro-step k + 1
     real_show = warnings.showwarning
@@ -29,13 +29,13 @@ SYNC_WARNINGS = """
     warnings.showwarning = show
     warnings.filterwarnings("always", message=".*synchroniz.*")
 
-    real = ip2p.step.train_micro_step
+    real = ip2p.training.step.train_micro_step
     def train_micro_step(*a, **k):
         if not syncs:
             torch.cuda.set_sync_debug_mode("warn")
         syncs.append(0)
         return real(*a, **k)
-    ip2p.step.train_micro_step = train_micro_step
+    ip2p.training.step.train_micro_step = train_micro_step
     atexit.register(lambda: open(OUT, "w").write(json.dumps(syncs)))
 """
 

@@ -40,7 +40,7 @@ def test_bf16_with_8bit_adam_has_finite_losses(train, metrics, tmp_path):
 
 
 def optimizer(use_8bit_adam: bool, param: torch.nn.Parameter):
-    from ip2p.train_setup import make_optimizer
+    from ip2p.training.setup import make_optimizer
 
     cfg = SimpleNamespace(adam_beta1=0.9, adam_beta2=0.999, adam_weight_decay=1e-2, adam_epsilon=1e-8,
                           use_8bit_adam=use_8bit_adam)

@@ -1,0 +1,1 @@
+"""Edit quality: the sweep, its metrics and its report."""

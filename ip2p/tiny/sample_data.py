@@ -1,0 +1,224 @@
+"""A small synthetic edit set whose instructions fully determine the edit, for the demo and tests.
+
+    python -m ip2p.tiny.sample_data --output_dir ./sample-data [--num_pairs 64] [--size 64] [--seed 0]
+                               [--edits recolour_shape,recolour_background,swap_shape]
+
+Each pair is a coloured square or circle on a plain or two-tone background, and one edit:
+"make the square blue" (only the shape's pixels change), "turn the background black" (only the
+background's pixels change, to one plain colour) or "turn the square into a circle" (same place,
+size and colour). The edited image is exactly that change and nothing else, so the task is
+learnable by a tiny model in minutes. `--edits` keeps only some of these kinds (the demo uses
+recolour_background alone, the quickest to learn). Colours are saturated, like the images the
+tiny VAE's scaling was calibrated on.
+
+Writes (manifest paths relative to its folder, the layout `convert_to_hf_dataset.py` reads):
+
+    DIR/manifest.jsonl    input_image, edit_prompt, edited_image, input_caption, output_caption
+    DIR/images/0000_input.png, 0000_edited.png, ...   (PNG: lossless, so the edit stays exact)
+    DIR/photo.png         one held-out input for the demo's inference step; a matching instruction
+                          is printed
+
+The same seed gives byte-identical files.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import random
+import shutil
+import sys
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+
+from PIL import Image, ImageDraw
+
+from ip2p.errors import UserError, cli
+
+COLOURS = {
+    "red": (220, 30, 30), "green": (30, 170, 60), "blue": (30, 70, 220), "yellow": (240, 210, 30),
+    "orange": (245, 130, 20), "purple": (140, 50, 180), "pink": (240, 120, 180),
+    "cyan": (30, 200, 210), "white": (245, 245, 245), "black": (20, 20, 20),
+}
+SHAPES = ("square", "circle")
+EDITS = ("recolour_shape", "recolour_background", "swap_shape")
+MANIFEST = "manifest.jsonl"
+HELD_OUT = "photo.png"
+
+
+@dataclass(frozen=True)
+class Scene:
+    """Everything that decides the picture: background colour(s) and one shape."""
+
+    background: tuple[str, ...]  # one colour, or two (halves)
+    split: str  # "vertical" (left | right) or "horizontal" (top / bottom); unused when plain
+    shape: str
+    colour: str
+    box: tuple[int, int, int, int]  # the shape's bounding box, (x0, y0, x1, y1) inclusive
+
+    def caption(self) -> str:
+        if len(self.background) == 1:
+            ground = f"{_a(self.background[0])} background"
+        else:
+            halves = ("left", "right") if self.split == "vertical" else ("top", "bottom")
+            ground = f"a background split into {self.background[0]} ({halves[0]}) and " \
+                     f"{self.background[1]} ({halves[1]})"
+        return f"{_a(self.colour)} {self.shape} on {ground}"
+
+
+def _a(word: str) -> str:
+    return f"{'an' if word[0] in 'aeiou' else 'a'} {word}"
+
+
+@dataclass
+class EditPair:
+    """One training example, in memory."""
+
+    input_image: Image.Image
+    edit_prompt: str
+    edited_image: Image.Image
+    input_caption: str
+    output_caption: str
+
+
+def render(scene: Scene, size: int) -> Image.Image:
+    """Draw a scene without anti-aliasing, so every pixel is exactly one of the scene's colours."""
+    image = Image.new("RGB", (size, size), COLOURS[scene.background[0]])
+    draw = ImageDraw.Draw(image)
+    if len(scene.background) == 2:
+        half = size // 2
+        vertical = scene.split == "vertical"
+        second = (half, 0, size - 1, size - 1) if vertical else (0, half, size - 1, size - 1)
+        draw.rectangle(second, fill=COLOURS[scene.background[1]])
+    if scene.shape == "square":
+        draw.rectangle(scene.box, fill=COLOURS[scene.colour])
+    else:
+        draw.ellipse(scene.box, fill=COLOURS[scene.colour])
+    return image
+
+
+def random_scene(rng: random.Random, size: int) -> Scene:
+    background = tuple(rng.sample(sorted(COLOURS), rng.choice((1, 2))))
+    colour = rng.choice([c for c in sorted(COLOURS) if c not in background])
+    side = rng.randint(max(4, size * 3 // 10), max(5, size // 2))
+    x0, y0 = rng.randint(0, size - side), rng.randint(0, size - side)
+    return Scene(background, rng.choice(("vertical", "horizontal")), rng.choice(SHAPES), colour,
+                 (x0, y0, x0 + side - 1, y0 + side - 1))
+
+
+def random_edit(rng: random.Random, scene: Scene,
+                edits: tuple[str, ...] = EDITS) -> tuple[str, Scene]:
+    """(instruction, edited scene): one change that the instruction names completely, of one of
+    the kinds in `edits`."""
+    kind = rng.choice(edits)
+    if kind == "recolour_shape":
+        taken = {scene.colour, *scene.background}
+        colour = rng.choice([c for c in sorted(COLOURS) if c not in taken])
+        template = rng.choice(("make the {s} {c}", "colour the {s} {c}", "turn the {s} {c}"))
+        return template.format(s=scene.shape, c=colour), _replace(scene, colour=colour)
+    if kind == "recolour_background":
+        taken = {scene.colour} | ({scene.background[0]} if len(scene.background) == 1 else set())
+        colour = rng.choice([c for c in sorted(COLOURS) if c not in taken])
+        template = rng.choice(("turn the background {c}", "make the background {c}",
+                               "paint the background {c}"))
+        return template.format(c=colour), _replace(scene, background=(colour,))
+    other = SHAPES[1 - SHAPES.index(scene.shape)]
+    template = rng.choice(("turn the {s} into a {o}", "make the {s} a {o}",
+                           "replace the {s} with a {o}"))
+    return template.format(s=scene.shape, o=other), _replace(scene, shape=other)
+
+
+def _replace(scene: Scene, **changes) -> Scene:
+    return Scene(**{**scene.__dict__, **changes})
+
+
+def make_pair(rng: random.Random, size: int, edits: tuple[str, ...] = EDITS) -> EditPair:
+    scene = random_scene(rng, size)
+    instruction, edited = random_edit(rng, scene, edits)
+    return EditPair(render(scene, size), instruction, render(edited, size),
+                    scene.caption(), edited.caption())
+
+
+def make_pairs(num_pairs: int = 64, size: int = 64, seed: int = 0,
+               edits: tuple[str, ...] = EDITS) -> list[EditPair]:
+    """The edit pairs, in memory; the same arguments give the same pixels and words."""
+    rng, edits = random.Random(seed), check_edits(edits)
+    return [make_pair(rng, size, edits) for _ in range(num_pairs)]
+
+
+def held_out_example(size: int = 64, seed: int = 0, edits: tuple[str, ...] = EDITS) -> EditPair:
+    """One more pair from a separate stream of the seed, never in `make_pairs`' output."""
+    return make_pair(random.Random(f"held-out-{seed}"), size, check_edits(edits))
+
+
+def check_edits(edits) -> tuple[str, ...]:
+    """`edits` as a tuple of known kinds, in the order given; a UserError otherwise."""
+    edits = tuple(edits)
+    unknown = [e for e in edits if e not in EDITS]
+    if not edits or unknown:
+        raise UserError(f"edit kinds must be some of {', '.join(EDITS)}; "
+                        f"got {', '.join(edits) or 'none'}")
+    return edits
+
+
+def write_dataset(folder: Path, pairs: list[EditPair], held_out: EditPair) -> None:
+    """images/, manifest.jsonl and photo.png into `folder` (which must exist)."""
+    (folder / "images").mkdir()
+    with open(folder / MANIFEST, "w", encoding="utf-8") as manifest:
+        for i, pair in enumerate(pairs):
+            row = {"input_image": f"images/{i:04d}_input.png", "edit_prompt": pair.edit_prompt,
+                   "edited_image": f"images/{i:04d}_edited.png",
+                   "input_caption": pair.input_caption, "output_caption": pair.output_caption}
+            pair.input_image.save(folder / row["input_image"])
+            pair.edited_image.save(folder / row["edited_image"])
+            manifest.write(json.dumps(row) + "\n")
+    held_out.input_image.save(folder / HELD_OUT)
+
+
+def publish(staging: Path, output_dir: Path) -> None:
+    """Move what was written into `output_dir`, replacing only this module's own files there."""
+    output_dir.mkdir(parents=True, exist_ok=True)
+    if (output_dir / "images").exists():
+        shutil.rmtree(output_dir / "images")
+    for name in ("images", MANIFEST, HELD_OUT):
+        (staging / name).replace(output_dir / name)
+
+
+@cli
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m ip2p.tiny.sample_data", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--output_dir", required=True, help="folder to write the edit set into")
+    parser.add_argument("--num_pairs", type=int, default=64, help="edit pairs (default: 64)")
+    parser.add_argument("--size", type=int, default=64, help="image side in pixels (default: 64)")
+    parser.add_argument("--seed", type=int, default=0, help="same seed, same files (default: 0)")
+    parser.add_argument("--edits", default=",".join(EDITS),
+                        help=f"comma-separated edit kinds to draw from "
+                             f"(default: all, {','.join(EDITS)})")
+    parser.add_argument("--overwrite", action="store_true",
+                        help="replace an earlier sample set in --output_dir (other files are kept)")
+    args = parser.parse_args(argv)
+    out = Path(args.output_dir)
+    if args.num_pairs < 1 or args.size < 16:
+        raise UserError(f"--num_pairs must be at least 1 and --size at least 16; "
+                        f"got {args.num_pairs} and {args.size}")
+    if out.exists() and not out.is_dir():
+        raise UserError(f"--output_dir {out} is a file; choose a folder")
+    if (out / MANIFEST).exists() and not args.overwrite:
+        raise UserError(f"{out / MANIFEST} already exists; pass --overwrite or choose another "
+                        "--output_dir")
+    edits = check_edits(e.strip() for e in args.edits.split(",") if e.strip())
+    pairs = make_pairs(args.num_pairs, args.size, args.seed, edits)
+    held_out = held_out_example(args.size, args.seed, edits)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(dir=out.parent, prefix=f".{out.name}.") as staging:
+        write_dataset(Path(staging), pairs, held_out)
+        publish(Path(staging), out)
+    print(f"wrote {len(pairs)} edit pairs ({args.size}x{args.size}) to {out / MANIFEST}")
+    print(f"held-out photo: {out / HELD_OUT}; try the instruction: {held_out.edit_prompt!r}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,206 @@
+"""The latent cache: what the frozen encoders give for each sample, computed once.
+
+Per sample it stores what the training step consumes: the input photo's latent (posterior mode,
+unscaled), the edited photo's posterior mean and std (so a fresh latent is still sampled every
+step), the prompt's hidden states and pooled embedding, and the size/crop ids. With
+`--random_flip` both orientations are encoded (the VAE is not flip-equivariant, so a flipped
+latent cannot be derived from the unflipped one); each epoch picks one as encoding on the fly
+would.
+
+Layout: `<latent_cache_dir>/<key>/shard-00000.safetensors ...` plus `key.json` (what the key is
+made of) and `index.json` (written last, once every shard exists: the entry is complete). Shards
+are safetensors files, memory-mapped when read, each written under a temporary name and renamed,
+so an interrupted build resumes by encoding only the missing shards. Every process encodes the
+shards `i % num_processes == rank`; a shard's content does not depend on who wrote it.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from pathlib import Path
+
+import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
+from tqdm.auto import tqdm
+
+from ip2p.training.pairs import TrainPairs, flip_decision
+from ip2p.training.encode import encode_images, encode_text
+from ip2p.fingerprint import dataset_fingerprint, module_fingerprint, tokenizer_fingerprint
+from ip2p.method import EncodedBatch, compute_time_ids
+
+SHARD_SIZE = 256  # samples per shard file, unless --latent_cache_shard_size says otherwise
+PER_VIEW = ("original_latents", "edited_latent_mean", "edited_latent_std", "time_ids")
+PER_SAMPLE = ("prompt_embeds", "pooled_prompt_embeds")
+FORMAT_VERSION = 3  # 3: content fingerprints of the data, all weights, dtypes and tokenizers
+
+
+def module_identity(module) -> dict:
+    """Where a frozen encoder came from, its config, the dtype it computes in, and all its weights."""
+    config = module.config.to_dict() if hasattr(module.config, "to_dict") else dict(module.config)
+    return {"name_or_path": str(getattr(module.config, "_name_or_path", "")),
+            "config": json.loads(json.dumps(config, default=str)), "dtype": str(module.dtype),
+            "weights": module_fingerprint(module)}
+
+
+def cache_key(hf_dataset, parts, cfg, dtype: torch.dtype, log=print) -> tuple[str, dict]:
+    """Everything that changes the cache's content, and its hash (the entry's folder name)."""
+    columns = (cfg.original_image_column, cfg.edit_prompt_column, cfg.edited_image_column)
+    parts_of_key = {
+        "format": FORMAT_VERSION,
+        "dataset": dataset_fingerprint(hf_dataset, columns, log),
+        "num_samples": len(hf_dataset),
+        "columns": [cfg.original_image_column, cfg.edited_image_column, cfg.edit_prompt_column],
+        "vae": module_identity(parts.vae),
+        "text_encoder": module_identity(parts.text_encoder),
+        "text_encoder_2": module_identity(parts.text_encoder_2),
+        "tokenizer": tokenizer_fingerprint(parts.tokenizer),
+        "tokenizer_2": tokenizer_fingerprint(parts.tokenizer_2),
+        "resolution": cfg.resolution,
+        "center_crop": cfg.center_crop,
+        "crop_seed": None if cfg.center_crop else (cfg.seed or 0),
+        "random_flip": cfg.random_flip,
+        "dtype": str(dtype),
+        "shard_size": cfg.latent_cache_shard_size or SHARD_SIZE,
+    }
+    blob = json.dumps(parts_of_key, sort_keys=True).encode()
+    return hashlib.sha256(blob).hexdigest()[:20], parts_of_key
+
+
+class LatentCache:
+    def __init__(self, root: str | Path, key: str, num_samples: int, orientations: int, shard_size: int = 0):
+        self.dir = Path(root) / key
+        self.num_samples, self.orientations = num_samples, orientations
+        self.shard_size = shard_size or SHARD_SIZE
+        self.num_shards = -(-num_samples // self.shard_size)
+
+    def shard_path(self, i: int) -> Path:
+        return self.dir / f"shard-{i:05d}.safetensors"
+
+    def shard_indices(self, i: int) -> range:
+        return range(i * self.shard_size, min((i + 1) * self.shard_size, self.num_samples))
+
+    def is_complete(self) -> bool:
+        return (self.dir / "index.json").is_file()
+
+    def replaced_samples(self) -> int:
+        """Samples that failed to decode when the cache was built (each replaced by the next one)."""
+        return json.loads((self.dir / "index.json").read_text()).get("replaced_samples", 0)
+
+    def missing_shards(self) -> list[int]:
+        return [i for i in range(self.num_shards) if not self.shard_path(i).is_file()]
+
+
+class _CacheSource(torch.utils.data.Dataset):
+    """The samples of some shards, each with every orientation the cache stores (CPU work only)."""
+
+    def __init__(self, pairs: TrainPairs, indices: list[int], orientations: int):
+        self.pairs, self.indices, self.orientations = pairs, indices, orientations
+
+    def __len__(self) -> int:
+        return len(self.indices)
+
+    def __getitem__(self, i: int) -> dict:
+        index = self.indices[i]
+        original, edited, prompt, skipped = self.pairs.read_or_replace(index)
+        views = [self.pairs.view(original, edited, index, flip=bool(v)) for v in range(self.orientations)]
+        return {"views": views, **self.pairs.tokens(prompt), "replaced": torch.tensor(skipped)}
+
+
+def _collate_views(samples: list[dict]) -> dict:
+    views = [{k: torch.stack([s["views"][v][k] for s in samples]) for k in samples[0]["views"][0]}
+             for v in range(len(samples[0]["views"]))]
+    return {"views": views, **{k: torch.stack([s[k] for s in samples]) for k in ("input_ids", "input_ids_2",
+                                                                               "replaced")}}
+
+
+@torch.no_grad()
+def encode_shard(cache: LatentCache, i: int, pairs: TrainPairs, parts, resolution: int, dtype: torch.dtype,
+                 batch_size: int, num_workers: int, device) -> None:
+    source = _CacheSource(pairs, list(cache.shard_indices(i)), cache.orientations)
+    # its own generator: iterating a DataLoader draws a seed, which must not move the training noise
+    loader = torch.utils.data.DataLoader(source, batch_size=batch_size, num_workers=num_workers,
+                                         collate_fn=_collate_views, generator=torch.Generator())
+    out: dict[str, list[torch.Tensor]] = {}
+    for batch in loader:
+        embeds, pooled = encode_text(parts.text_encoder, parts.text_encoder_2,
+                                     batch["input_ids"].to(device), batch["input_ids_2"].to(device))
+        out.setdefault("prompt_embeds", []).append(embeds.to(dtype).cpu())
+        out.setdefault("pooled_prompt_embeds", []).append(pooled.to(dtype).cpu())
+        out.setdefault("replaced", []).append(batch["replaced"])
+        for v, view in enumerate(batch["views"]):
+            mean, std, mode = encode_images(parts.vae, view["original_pixel_values"].to(device),
+                                            view["edited_pixel_values"].to(device))
+            time_ids = compute_time_ids(view["original_size"], view["crop_top_left"], (resolution, resolution))
+            for name, t in zip(PER_VIEW, (mode, mean, std, time_ids)):
+                t = t.float() if name == "time_ids" else t.to(dtype)
+                out.setdefault(f"{name}/{v}", []).append(t.cpu())
+    tensors = {k: torch.cat(v).contiguous() for k, v in out.items()}
+    final = cache.shard_path(i)
+    tmp = final.with_name(f".{final.name}.{os.getpid()}.tmp")
+    save_file(tensors, str(tmp))
+    tmp.rename(final)
+
+
+def build_cache(accelerator, cache: LatentCache, pairs: TrainPairs, parts, key_parts: dict, resolution: int,
+                dtype: torch.dtype, batch_size: int, num_workers: int) -> None:
+    """Encode the missing shards, split across processes; the main process finalises the entry."""
+    if accelerator.is_main_process:
+        cache.dir.mkdir(parents=True, exist_ok=True)
+        (cache.dir / "key.json").write_text(json.dumps(key_parts, indent=1, sort_keys=True))
+    accelerator.wait_for_everyone()
+    mine = [i for i in cache.missing_shards() if i % accelerator.num_processes == accelerator.process_index]
+    bar = tqdm(mine, desc="latent cache (this process's shards)", disable=not accelerator.is_main_process)
+    for i in bar:
+        encode_shard(cache, i, pairs, parts, resolution, dtype, batch_size, num_workers, accelerator.device)
+    accelerator.wait_for_everyone()
+    if accelerator.is_main_process:
+        missing = cache.missing_shards()
+        if missing:
+            raise RuntimeError(f"latent cache {cache.dir}: shards {missing[:5]} missing after the build")
+        replaced = 0
+        for i in range(cache.num_shards):
+            with safe_open(str(cache.shard_path(i)), framework="pt") as f:
+                replaced += int(f.get_tensor("replaced").sum())
+        index = {"num_samples": cache.num_samples, "shard_size": cache.shard_size, "orientations": cache.orientations,
+                 "replaced_samples": replaced}
+        (cache.dir / "index.json").write_text(json.dumps(index))
+    accelerator.wait_for_everyone()
+
+
+class CachedPairs(torch.utils.data.Dataset):
+    """Samples read from the cache's shards (memory-mapped), one orientation chosen per epoch."""
+
+    def __init__(self, cache: LatentCache, transform):
+        self.cache, self.transform = cache, transform
+        self.epoch = 0
+        self._files = {}  # opened lazily, per worker process
+
+    def use_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def __len__(self) -> int:
+        return self.cache.num_samples
+
+    def __getstate__(self):
+        return {**self.__dict__, "_files": {}}
+
+    def _file(self, shard: int):
+        if shard not in self._files:
+            self._files[shard] = safe_open(str(self.cache.shard_path(shard)), framework="pt")
+        return self._files[shard]
+
+    def __getitem__(self, index: int) -> dict:
+        shard, row = divmod(int(index), self.cache.shard_size)
+        f = self._file(shard)
+        v = int(flip_decision(self.transform, self.epoch, index))
+        sample = {name: f.get_slice(name)[row] for name in PER_SAMPLE}
+        sample.update({name: f.get_slice(f"{name}/{v}")[row] for name in PER_VIEW})
+        return sample
+
+
+def cached_batch(batch: dict, device, dtype: torch.dtype) -> EncodedBatch:
+    """A collated batch of cache rows as the step's input (the cache's producer)."""
+    return EncodedBatch(**batch).to(device=device, dtype=dtype, non_blocking=True)

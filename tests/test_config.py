@@ -124,3 +124,15 @@ def test_help_states_the_crop_policy():
 
     text = " ".join(build_parser().format_help().split())
     assert "drawn once per sample from --seed and kept for the whole run" in text
+
+
+def test_flags_accepted_for_compatibility_warn_when_set():
+    from ip2p.training.config import silent_default_warnings
+
+    base = ["--conditioning_dropout_prob", "0.05", "--lr_warmup_steps", "0"]
+    assert silent_default_warnings(parse_config(base)) == []
+    found = silent_default_warnings(parse_config([*base, "--non_ema_revision", "main", "--crops_coords_top_left_h",
+                                                  "16", "--local_rank", "0"]))
+    assert len(found) == 3 and all("has no effect" in w for w in found)
+    assert found[0].startswith("--non_ema_revision main") and "--crops_coords_top_left_h 16" in found[1]
+    assert "the real crop of each image" in found[1] and "accelerate" in found[2]

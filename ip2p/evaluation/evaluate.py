@@ -22,13 +22,21 @@ import torch
 from PIL import Image
 from tqdm.auto import tqdm
 
-from ip2p.training.pairs import _as_image
 from ip2p.cli_args import EvaluateArgs  # the flags live beside the parser: no torch to parse them
+from ip2p.dtypes import INFERENCE_DTYPES
 from ip2p.errors import UserError
-from ip2p.evaluation.report import publish, results_per_setting, write_reports
-from ip2p.inference.edit import (DTYPES, EditSettings, edit, inspect_model, load_pipeline, output_size,
-                        parse_floats, pick_device)
 from ip2p.evaluation.metrics import METRICS, edit_metrics, match_size
+from ip2p.evaluation.report import publish, results_per_setting, write_reports
+from ip2p.inference.edit import (
+    EditSettings,
+    edit,
+    inspect_model,
+    load_pipeline,
+    output_size,
+    parse_floats,
+    pick_device,
+)
+from ip2p.training.pairs import as_image
 
 REQUIRED_COLUMNS = ("input_image", "edit_prompt", "edited_image")
 SPLIT_PREFERENCE = ("validation", "test", "train")
@@ -46,7 +54,7 @@ def check_flags(a: EvaluateArgs) -> list[float]:
         (a.max_samples is not None and a.max_samples < 1,
          f"--max_samples must be at least 1, not {a.max_samples}"),
         (a.grid_samples < 0, f"--grid_samples must be 0 or more, not {a.grid_samples}"),
-        (a.dtype is not None and a.dtype not in DTYPES,
+        (a.dtype is not None and a.dtype not in INFERENCE_DTYPES,
          f"--dtype must be fp32, fp16 or bf16, not {a.dtype!r}"),
     ]
     for broken, message in rules:
@@ -153,7 +161,7 @@ def read_sample(ds, index: int, info: DataInfo) -> Sample:
     images = []
     for column in ("input_image", "edited_image"):
         try:
-            images.append(_as_image(row[column]))
+            images.append(as_image(row[column]))
         except (UserError, TypeError) as e:
             raise UserError(f"row {index}, column {column} of the evaluation data: {e}") from None
     if not isinstance(row["edit_prompt"], str) or not row["edit_prompt"].strip():

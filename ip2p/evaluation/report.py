@@ -19,8 +19,8 @@ from pathlib import Path
 
 from PIL import Image, ImageOps
 
-from ip2p.grid import make_grid
 from ip2p.evaluation.metrics import METRICS, summarize
+from ip2p.grid import make_grid
 
 GRID_CELL = 256  # side of a grid cell in pixels; each image is letterboxed into it
 EDIT_AXIS_LABELS = {"clip_directional_similarity": "CLIP text-image direction similarity (edit)",

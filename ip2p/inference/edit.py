@@ -20,13 +20,12 @@ from PIL import Image
 from tqdm.auto import tqdm
 
 from ip2p.cli_args import InferenceArgs  # the flags live beside the parser: no torch to parse them
+from ip2p.dtypes import DTYPES, INFERENCE_DTYPES
 from ip2p.errors import UserError
 from ip2p.grid import make_grid
 from ip2p.images import open_rgb
 
 TRAINING_CONFIG = "training_config.yaml"
-DTYPES = {"fp32": torch.float32, "float32": torch.float32, "fp16": torch.float16,
-          "float16": torch.float16, "bf16": torch.bfloat16, "bfloat16": torch.bfloat16}
 SAVE_OPTIONS = {"JPEG": {"quality": 95}, "WEBP": {"quality": 95}}  # PIL's default 75 shows blocks
 
 
@@ -72,7 +71,7 @@ def check_flags(a: InferenceArgs) -> None:
          f"--num_inference_steps must be at least 1, not {a.num_inference_steps}"),
         (a.resolution is not None and a.resolution < 1,
          f"--resolution must be positive, not {a.resolution}"),
-        (a.dtype is not None and a.dtype not in DTYPES,
+        (a.dtype is not None and a.dtype not in INFERENCE_DTYPES,
          f"--dtype must be fp32, fp16 or bf16, not {a.dtype!r}"),
         ((a.input_image is None) == (a.prompts_file is None),
          "give one of --input_image (a photo or a folder) and --prompts_file"),

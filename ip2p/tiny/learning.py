@@ -19,18 +19,12 @@ from __future__ import annotations
 import time
 from pathlib import Path
 
-import numpy as np
 import torch
 import torch.nn.functional as F
 from PIL import Image
 
 from ip2p.tiny.model import pin_logvar
-
-
-def to_tensor(image: Image.Image) -> torch.Tensor:
-    """An RGB image as a (3, H, W) float tensor in [-1, 1], as the VAE expects."""
-    pixels = np.asarray(image.convert("RGB"), dtype=np.float32) / 127.5 - 1.0
-    return torch.from_numpy(pixels).permute(2, 0, 1)
+from ip2p.training.pairs import to_tensor
 
 
 def training_images(data_dir: str | Path, split: str = "train") -> torch.Tensor:

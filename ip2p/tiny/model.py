@@ -122,6 +122,7 @@ def _scheduler():
 def build_tiny_sdxl(output_dir: str | Path, seed: int = 0, instruct_pix2pix: bool = False) -> Path:
     """Build and save the tiny pipeline; returns the folder."""
     from diffusers import StableDiffusionXLInstructPix2PixPipeline, StableDiffusionXLPipeline
+
     from ip2p.method import expand_conv_in
 
     output_dir = Path(output_dir)

@@ -26,12 +26,12 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 from tqdm.auto import tqdm
 
-from ip2p.training.pairs import TrainPairs, flip_decision
-from ip2p.training.encode import encode_images, encode_text
 from ip2p.fingerprint import dataset_fingerprint, module_fingerprint, tokenizer_fingerprint
 from ip2p.method import EncodedBatch, compute_time_ids
+from ip2p.training.config import SHARD_SIZE
+from ip2p.training.encode import encode_images, encode_text
+from ip2p.training.pairs import TrainPairs, flip_decision
 
-SHARD_SIZE = 256  # samples per shard file, unless --latent_cache_shard_size says otherwise
 PER_VIEW = ("original_latents", "edited_latent_mean", "edited_latent_std", "time_ids")
 PER_SAMPLE = ("prompt_embeds", "pooled_prompt_embeds")
 FORMAT_VERSION = 3  # 3: content fingerprints of the data, all weights, dtypes and tokenizers

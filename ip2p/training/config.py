@@ -26,6 +26,7 @@ from ip2p.errors import UserError
 
 SECRET_FIELDS = ("hub_token",)
 RESOLVED_CONFIG_NAME = "training_config.yaml"
+SHARD_SIZE = 256  # samples per latent-cache shard file, unless --latent_cache_shard_size says otherwise
 
 
 def _f(default, help: str, **kw):
@@ -134,7 +135,7 @@ class TrainConfig:
                                  no_help="(kit) encode on the fly every step instead of using the latent cache")
     latent_cache_dir: Optional[str] = _cache(
         None, "(kit) where the latent cache lives (default: OUTPUT_DIR/latent_cache); share it between runs")
-    latent_cache_shard_size: int = _cache(256, "(kit) samples per latent-cache shard file (the unit of work split "
+    latent_cache_shard_size: int = _cache(SHARD_SIZE, "(kit) samples per latent-cache shard file (the unit of work split "
                                                "across processes and of resuming a build)")
 
     output_dir: str = _checkpoints("instruct-pix2pix-model", "checkpoints, logs, validation images and the final "
@@ -292,4 +293,13 @@ def silent_default_warnings(cfg: TrainConfig) -> list[str]:
     if cfg.lr_scheduler == "constant" and cfg.lr_warmup_steps > 0:
         found.append(f"--lr_warmup_steps {cfg.lr_warmup_steps} is ignored by --lr_scheduler constant; pass "
                      "--lr_scheduler constant_with_warmup to warm up, or --lr_warmup_steps 0")
+    why = {"non_ema_revision": "the EMA starts from the trained UNet, as in diffusers",
+           "crops_coords_top_left_h": "the real crop of each image goes into the micro-conditioning",
+           "crops_coords_top_left_w": "the real crop of each image goes into the micro-conditioning",
+           "local_rank": "accelerate sets each process's rank"}
+    for f in dataclasses.fields(cfg):
+        value = getattr(cfg, f.name)
+        if f.metadata.get("group") == "accepted for compatibility" and value != f.default:
+            found.append(f"--{f.name} {value} has no effect ({why[f.name]}); it is accepted so that diffusers "
+                         "command lines run unchanged")
     return found

@@ -14,8 +14,8 @@ from dataclasses import dataclass
 
 import torch
 
-from ip2p.training.encode import OnTheFlyEncoder
 from ip2p.method import EncodedBatch, sample_edited_latents
+from ip2p.training.encode import OnTheFlyEncoder
 from ip2p.training.step import denoising_loss
 
 HELDOUT_SEED = 1234

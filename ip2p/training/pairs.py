@@ -22,8 +22,8 @@ import torch
 from PIL import Image
 
 from ip2p.errors import UserError
-from ip2p.training.guards import ignore_signals_in_worker
 from ip2p.images import open_rgb, to_rgb
+from ip2p.training.guards import ignore_signals_in_worker
 
 
 def _load_source(cfg):
@@ -154,12 +154,14 @@ def resize_and_crop(
 
 
 def to_tensor(image: Image.Image) -> torch.Tensor:
-    """uint8 HWC RGB -> float CHW in [-1, 1], the VAE's input range."""
+    """An image -> float CHW RGB in [-1, 1], the VAE's input range."""
+    if image.mode != "RGB":
+        image = image.convert("RGB")
     a = torch.from_numpy(np.asarray(image, dtype=np.uint8).copy()).permute(2, 0, 1)
     return a.float().div(127.5).sub(1.0)
 
 
-def _as_image(value) -> Image.Image:
+def as_image(value) -> Image.Image:
     # datasets' Image feature gives PIL images; an imagefolder's second column gives paths.
     if isinstance(value, Image.Image):
         return to_rgb(value)
@@ -213,7 +215,7 @@ class TrainPairs(torch.utils.data.Dataset):
     def read(self, index: int) -> tuple[Image.Image, Image.Image, str]:
         row = self.ds[int(index)]
         o_col, e_col, p_col = self.columns
-        return _as_image(row[o_col]), _as_image(row[e_col]), row[p_col] or ""
+        return as_image(row[o_col]), as_image(row[e_col]), row[p_col] or ""
 
     def view(self, original: Image.Image, edited: Image.Image, index: int, flip: bool) -> dict:
         t = self.transform

@@ -11,13 +11,12 @@ from pathlib import Path
 
 import torch
 
+from ip2p.dtypes import DTYPES
+from ip2p.errors import UserError
+from ip2p.method import expand_conv_in
 from ip2p.training.cache import CachedPairs, LatentCache, build_cache, cache_key
 from ip2p.training.config import TrainConfig
-from ip2p.errors import UserError
 from ip2p.training.hub import requested_trackers
-from ip2p.method import expand_conv_in
-
-DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16, "no": torch.float32}
 
 
 def make_accelerator(cfg: TrainConfig):

@@ -16,10 +16,10 @@ import numpy as np
 import torch
 from PIL import Image
 
-from ip2p.training.pairs import resize_and_crop
 from ip2p.errors import UserError
 from ip2p.grid import make_grid
 from ip2p.images import open_rgb, to_rgb
+from ip2p.training.pairs import resize_and_crop
 
 
 def load_validation_pairs(cfg) -> list[tuple[Image.Image, str]]:

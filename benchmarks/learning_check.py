@@ -47,7 +47,7 @@ sys.path.insert(0, str(REPO))
 import torch  # noqa: E402
 
 from ip2p.tiny.learning import (  # noqa: E402
-    denoised_errors, denoised_verdict, edit_errors, edit_verdict, fit_vae, heldout_verdict,
+    Sampling, denoised_errors, denoised_verdict, edit_errors, edit_verdict, fit_vae, heldout_verdict,
     training_images)
 
 
@@ -87,7 +87,7 @@ def check_edits(pipeline_dir: Path, data: Path, n: int, seed: int) -> dict:
     pipe = StableDiffusionXLInstructPix2PixPipeline.from_pretrained(pipeline_dir, local_files_only=True)
     pipe.set_progress_bar_config(disable=True)
     return edit_errors(pipe, list(held["input_image"]), list(held["edit_prompt"]),
-                       list(held["edited_image"]), seed=seed)
+                       list(held["edited_image"]), Sampling(seed=seed))
 
 
 def check_denoising(cmd: list[str], pipeline_dir: Path) -> dict:

@@ -67,7 +67,7 @@ from PIL import Image
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from ip2p.training.cache import CachedPairs, LatentCache, build_cache, cache_key, cached_batch  # noqa: E402
+from ip2p.training.cache import CacheBuild, CachedPairs, LatentCache, build_cache, cache_key, cached_batch  # noqa: E402
 from ip2p.training.config import parse_config  # noqa: E402
 from ip2p.training.pairs import TrainPairs, load_hf_dataset, make_dataloader  # noqa: E402
 from ip2p.training.encode import OnTheFlyEncoder  # noqa: E402
@@ -273,7 +273,7 @@ def run_steps(args, names: list[str], cuda: bool) -> None:
         cache = LatentCache(tmp / "cache", key, len(ds), orientations=2)
         place_encoders(parts, device)
         t0 = time.perf_counter()
-        build_cache(accelerator, cache, pairs, parts, key_parts, args.resolution, dtype, args.batch_size, 0)
+        build_cache(accelerator, cache, pairs, CacheBuild(parts, args.resolution, dtype, args.batch_size, 0), key_parts)
         build_s = time.perf_counter() - t0
         place_encoders(parts, "cpu")
         # persistent workers: a small synthetic set must not pay a worker start every few steps

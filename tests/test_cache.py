@@ -7,7 +7,7 @@ import pytest
 import torch
 from safetensors import safe_open
 
-from ip2p.training.cache import CachedPairs, LatentCache, build_cache, cache_key
+from ip2p.training.cache import CacheBuild, CachedPairs, LatentCache, build_cache, cache_key
 from ip2p.training.config import parse_config
 from ip2p.training.pairs import TrainPairs, load_hf_dataset
 from ip2p.training.encode import OnTheFlyEncoder
@@ -32,7 +32,8 @@ def build(tmp_path, setup, dtype=torch.float32, shard_size=4):
     cfg, parts, ds, pairs = setup
     key, key_parts = cache_key(ds, parts, cfg, dtype)
     cache = LatentCache(tmp_path, key, len(ds), orientations=2, shard_size=shard_size)  # 10 samples, 3 shards
-    build_cache(SINGLE_PROCESS, cache, pairs, parts, key_parts, cfg.resolution, dtype, batch_size=3, num_workers=0)
+    build_cache(SINGLE_PROCESS, cache, pairs, CacheBuild(parts, cfg.resolution, dtype, batch_size=3, num_workers=0),
+                key_parts)
     return cache
 
 

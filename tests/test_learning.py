@@ -13,8 +13,8 @@ import pytest
 import torch
 
 from conftest import run_in_session
-from ip2p.tiny.learning import (copy_prior_estimate, denoised_verdict, edit_errors, edit_verdict, fit_vae,
-                           heldout_verdict, to_tensor)
+from ip2p.tiny.learning import (Sampling, copy_prior_estimate, denoised_verdict, edit_errors, edit_verdict,
+                                 fit_vae, heldout_verdict, to_tensor)
 from ip2p.tiny.sample_data import make_pairs
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -57,7 +57,7 @@ def test_edit_errors_copy_baseline_and_same_noise_per_sample(tiny_ip2p, one_thre
     pipe.set_progress_bar_config(disable=True)
     pairs = make_pairs(3, size=64, seed=1)
     inputs, truth = [p.input_image for p in pairs], [p.edited_image for p in pairs]
-    same = edit_errors(pipe, inputs, ["make the square red"] * 3, truth, num_inference_steps=2, batch_size=2)
+    same = edit_errors(pipe, inputs, ["make the square red"] * 3, truth, Sampling(num_inference_steps=2, batch_size=2))
     # one instruction for all: "the next pair's instruction" is the same text, and each sample's
     # noise does not depend on the batch it lands in, so both runs give identical outputs
     assert same["right_instruction_latent"] == same["wrong_instruction_latent"]
@@ -70,7 +70,7 @@ def test_edit_errors_copy_baseline_and_same_noise_per_sample(tiny_ip2p, one_thre
     x_in, x_gt = (torch.stack([to_tensor(i) for i in xs]) for xs in (inputs, truth))
     assert same["copy_input_pixel"] == pytest.approx((x_in - x_gt).pow(2).mean().item(), rel=1e-4)
     assert same["pairs"] == 3 and 0 < same["vae_floor_pixel"]
-    differ = edit_errors(pipe, inputs, [p.edit_prompt for p in pairs], truth, num_inference_steps=2)
+    differ = edit_errors(pipe, inputs, [p.edit_prompt for p in pairs], truth, Sampling(num_inference_steps=2))
     assert differ["copy_input_latent"] == same["copy_input_latent"]
     assert differ["right_instruction_latent"] != differ["wrong_instruction_latent"]
 

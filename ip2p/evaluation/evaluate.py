@@ -248,18 +248,28 @@ def score_sample(clip: ClipEmbedder, sample: Sample, outputs: list[Image.Image])
             for out, e in zip(outputs, images[2:])]
 
 
+@dataclass(frozen=True)
+class SweepPlan:
+    """The image guidance scales to edit at, the output size rule, and the folder the edits go to."""
+
+    scales: list[float]
+    long_side: int
+    multiple: int  # the sides the pipeline accepts are multiples of this
+    folder: Path
+
+
 def sweep(pipe, clip, ds, samples: list[int], info: DataInfo, a: EvaluateArgs,
-          scales: list[float], long_side: int, multiple: int,
-          tmp: Path) -> tuple[list[dict], list[tuple[str, list[Image.Image]]]]:
+          plan: SweepPlan) -> tuple[list[dict], list[tuple[str, list[Image.Image]]]]:
     """Edit every sample at every scale, save the outputs, score them.
 
     Returns the per-sample rows and, for the first --grid_samples samples, (label, images).
     """
+    scales, tmp = plan.scales, plan.folder
     rows, grid_rows = [], []
     bar = tqdm(total=len(samples) * len(scales), desc="evaluating", unit="edit")
     for n, index in enumerate(samples):
         sample = read_sample(ds, index, info)
-        size = output_size(sample.input.size, long_side, multiple)
+        size = output_size(sample.input.size, plan.long_side, plan.multiple)
         outputs = []
         for igs in scales:
             s = EditSettings(size, a.num_inference_steps, a.guidance_scale, igs, a.seed)
@@ -313,8 +323,8 @@ def run(a: EvaluateArgs) -> int:
     try:
         for igs in scales:
             (tmp / "images" / scale_name(igs)).mkdir(parents=True, exist_ok=True)
-        rows, grid_rows = sweep(pipe, clip, ds, samples, data, a, scales, long_side,
-                                info.size_multiple, tmp)
+        rows, grid_rows = sweep(pipe, clip, ds, samples, data, a,
+                                SweepPlan(scales, long_side, info.size_multiple, tmp))
         report = make_report(a, data, scales, long_side, device, dtype, rows)
         write_reports(tmp, report, rows, grid_rows)
         publish(tmp, out)

@@ -17,6 +17,7 @@ own VAE (same class and config) on the training images for a few minutes.
 from __future__ import annotations
 
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -94,11 +95,21 @@ def mse(a: torch.Tensor, b: torch.Tensor) -> float:
     return F.mse_loss(a.float(), b.float()).item()
 
 
+@dataclass(frozen=True)
+class Sampling:
+    """How `edit_errors` samples: inference.py's defaults, a base seed (sample j uses seed + j), and
+    how many edits go through the pipeline at once."""
+
+    num_inference_steps: int = 30
+    guidance_scale: float = 3.0
+    image_guidance_scale: float = 1.5
+    seed: int = 0
+    batch_size: int = 16
+
+
 @torch.no_grad()
-def edit_errors(pipe, inputs: list[Image.Image], instructions: list[str],
-                ground_truth: list[Image.Image], num_inference_steps: int = 30,
-                guidance_scale: float = 3.0, image_guidance_scale: float = 1.5, seed: int = 0,
-                batch_size: int = 16) -> dict:
+def edit_errors(pipe, inputs: list[Image.Image], instructions: list[str], ground_truth: list[Image.Image],
+                sampling: Sampling = Sampling()) -> dict:
     """Edit every input with its instruction and with the next pair's (a roll by one), from the
     same noise per sample; MSE of each to the ground truth, beside copying the input.
 
@@ -119,14 +130,14 @@ def edit_errors(pipe, inputs: list[Image.Image], instructions: list[str],
            "vae_floor_pixel": mse(_decode(vae, z_gt / sf), x_gt)}
     for name, prompts in (("right_instruction", instructions), ("wrong_instruction", wrong)):
         latents = []
-        for i in range(0, len(inputs), batch_size):
-            sl = slice(i, i + batch_size)
+        for i in range(0, len(inputs), sampling.batch_size):
+            sl = slice(i, i + sampling.batch_size)
             # one generator per sample: each output starts from the same noise in both runs
-            gens = [torch.Generator().manual_seed(seed + j) for j in range(i, i + len(inputs[sl]))]
+            gens = [torch.Generator().manual_seed(sampling.seed + j) for j in range(i, i + len(inputs[sl]))]
             latents.append(pipe(prompt=prompts[sl], image=inputs[sl], height=height, width=width,
-                                num_inference_steps=num_inference_steps,
-                                guidance_scale=guidance_scale,
-                                image_guidance_scale=image_guidance_scale, generator=gens,
+                                num_inference_steps=sampling.num_inference_steps,
+                                guidance_scale=sampling.guidance_scale,
+                                image_guidance_scale=sampling.image_guidance_scale, generator=gens,
                                 output_type="latent").images)
         z = torch.cat(latents)
         out[f"{name}_latent"] = mse(z, z_gt)

@@ -19,6 +19,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -116,12 +117,24 @@ def _collate_views(samples: list[dict]) -> dict:
                                                                                "replaced")}}
 
 
+@dataclass(frozen=True)
+class CacheBuild:
+    """How the cache is filled: by which encoders, at which resolution and storage dtype, in which
+    batches and with how many DataLoader workers."""
+
+    parts: object  # ip2p.models.SDXLParts, the encoders placed on the device
+    resolution: int
+    dtype: torch.dtype
+    batch_size: int
+    num_workers: int
+
+
 @torch.no_grad()
-def encode_shard(cache: LatentCache, i: int, pairs: TrainPairs, parts, resolution: int, dtype: torch.dtype,
-                 batch_size: int, num_workers: int, device) -> None:
+def encode_shard(cache: LatentCache, i: int, pairs: TrainPairs, how: CacheBuild, device) -> None:
     source = _CacheSource(pairs, list(cache.shard_indices(i)), cache.orientations)
+    parts, dtype, resolution = how.parts, how.dtype, how.resolution
     # its own generator: iterating a DataLoader draws a seed, which must not move the training noise
-    loader = torch.utils.data.DataLoader(source, batch_size=batch_size, num_workers=num_workers,
+    loader = torch.utils.data.DataLoader(source, batch_size=how.batch_size, num_workers=how.num_workers,
                                          collate_fn=_collate_views, generator=torch.Generator())
     out: dict[str, list[torch.Tensor]] = {}
     for batch in loader:
@@ -144,8 +157,7 @@ def encode_shard(cache: LatentCache, i: int, pairs: TrainPairs, parts, resolutio
     tmp.rename(final)
 
 
-def build_cache(accelerator, cache: LatentCache, pairs: TrainPairs, parts, key_parts: dict, resolution: int,
-                dtype: torch.dtype, batch_size: int, num_workers: int) -> None:
+def build_cache(accelerator, cache: LatentCache, pairs: TrainPairs, how: CacheBuild, key_parts: dict) -> None:
     """Encode the missing shards, split across processes; the main process finalises the entry."""
     if accelerator.is_main_process:
         cache.dir.mkdir(parents=True, exist_ok=True)
@@ -154,7 +166,7 @@ def build_cache(accelerator, cache: LatentCache, pairs: TrainPairs, parts, key_p
     mine = [i for i in cache.missing_shards() if i % accelerator.num_processes == accelerator.process_index]
     bar = tqdm(mine, desc="latent cache (this process's shards)", disable=not accelerator.is_main_process)
     for i in bar:
-        encode_shard(cache, i, pairs, parts, resolution, dtype, batch_size, num_workers, accelerator.device)
+        encode_shard(cache, i, pairs, how, accelerator.device)
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
         missing = cache.missing_shards()

@@ -14,7 +14,7 @@ import torch
 from ip2p.dtypes import DTYPES
 from ip2p.errors import UserError
 from ip2p.method import expand_conv_in
-from ip2p.training.cache import CachedPairs, LatentCache, build_cache, cache_key
+from ip2p.training.cache import CacheBuild, CachedPairs, LatentCache, build_cache, cache_key
 from ip2p.training.config import TrainConfig
 from ip2p.training.hub import requested_trackers
 
@@ -89,8 +89,8 @@ def open_cache(accelerator, cfg: TrainConfig, hf_dataset, parts, pairs, dtype) -
         accelerator.print(f"latent cache: encoding {todo} of {cache.num_shards} shards into {cache.dir} "
                           f"({cache.orientations} orientation(s) per sample, {accelerator.num_processes} processes)")
         place_encoders(parts, accelerator.device)
-        build_cache(accelerator, cache, pairs, parts, key_parts, cfg.resolution, dtype,
-                    cfg.train_batch_size, cfg.dataloader_num_workers)
+        how = CacheBuild(parts, cfg.resolution, dtype, cfg.train_batch_size, cfg.dataloader_num_workers)
+        build_cache(accelerator, cache, pairs, how, key_parts)
         place_encoders(parts, "cpu")
     return CachedPairs(cache, pairs.transform)
 

@@ -74,7 +74,7 @@ from ip2p.training.encode import OnTheFlyEncoder  # noqa: E402
 from ip2p.errors import UserError  # noqa: E402
 from ip2p.method import expand_conv_in  # noqa: E402
 from ip2p.tiny.sdxl_arch import sdxl_unet  # noqa: E402
-from ip2p.training.step import forward_loss, train_micro_step  # noqa: E402
+from ip2p.training.step import Objective, forward_loss, train_micro_step  # noqa: E402
 from ip2p.tiny.model import tiny_unet  # noqa: E402
 from ip2p.training.setup import DTYPES, compile_unet, make_optimizer, peak_memory_gib, place_encoders  # noqa: E402
 
@@ -150,7 +150,7 @@ def model_flops_per_step(unet, batch, parts) -> float:
 
     counter = FlopCounterMode(display=False)
     with counter:
-        loss = forward_loss(unet, batch, parts.noise_scheduler, parts.vae.config.scaling_factor, 0.05)
+        loss = forward_loss(unet, batch, Objective(parts.noise_scheduler, parts.vae.config.scaling_factor, 0.05))
         loss.backward()
     unet.zero_grad(set_to_none=True)
     return float(counter.get_total_flops())
@@ -207,8 +207,8 @@ def run_variant(name: str, spec: Variant, accelerator, parts, data, args, flops_
             t0 = time.perf_counter()
         t = time.perf_counter()
         with accelerator.accumulate(unet):
-            loss, _ = train_micro_step(accelerator, unet, optimizer, produce(next(it)), parts.noise_scheduler,
-                                       scaling, 0.05, 1.0)
+            loss, _ = train_micro_step(accelerator, unet, optimizer, produce(next(it)),
+                                       Objective(parts.noise_scheduler, scaling, 0.05), 1.0)
         if i < args.warmup:
             sync(device)
             warmup_s.append(time.perf_counter() - t)

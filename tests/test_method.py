@@ -196,7 +196,8 @@ def test_the_forward_process_runs_in_fp32_under_bf16(parts):
     time_ids = torch.tensor([[64.0, 64, 0, 0, 64, 64]]).repeat(4, 1)
     seen, handle = _capture_unet_input(unet)
     with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
-        loss = denoising_loss(unet, sched, latents, noise, t, original, embeds, pooled, time_ids)
+        conditioning = EncodedBatch(latents, torch.zeros_like(latents), original, embeds, pooled, time_ids)
+        loss = denoising_loss(unet, sched, latents, noise, t, conditioning)
     handle.remove()
 
     ab = sched.alphas_cumprod[t].double()
@@ -215,7 +216,7 @@ def test_a_bf16_batch_trains_with_an_fp32_forward_process(parts):
     fp32 and hands the UNet an fp32 input (its parameters' dtype) under autocast."""
     from diffusers import UNet2DConditionModel
 
-    from ip2p.training.step import forward_loss
+    from ip2p.training.step import Objective, forward_loss
 
     unet = expand_conv_in(UNet2DConditionModel.from_config(parts.unet.config), 8)
     g = torch.Generator().manual_seed(1)
@@ -226,7 +227,7 @@ def test_a_bf16_batch_trains_with_an_fp32_forward_process(parts):
     seen, handle = _capture_unet_input(unet)
     torch.manual_seed(0)
     with torch.autocast("cpu", dtype=torch.bfloat16):
-        loss = forward_loss(unet, batch, parts.noise_scheduler, 0.5, 0.0)
+        loss = forward_loss(unet, batch, Objective(parts.noise_scheduler, 0.5, 0.0))
     handle.remove()
     assert seen["input"].dtype == torch.float32 and loss.dtype == torch.float32
     # std 0: the latent is mean * scaling exactly; what is left of x_t is the fp32-scaled noise

@@ -74,8 +74,7 @@ def heldout_losses(unet, heldout: HeldOut, noise_scheduler, scaling_factor: floa
                                             heldout.eps[sl].to(device), scaling_factor)
             noise, t = heldout.noise[sl].to(device), heldout.timesteps[sl].to(device)
             with autocast:
-                loss = denoising_loss(unet, noise_scheduler, latents, noise, t, b.original_latents,
-                                      b.prompt_embeds, b.pooled_prompt_embeds, b.time_ids)
+                loss = denoising_loss(unet, noise_scheduler, latents, noise, t, b)
             total += loss.item() * (sl.stop - start)
         results[name] = total / n
     unet.train(was_training)

@@ -1,9 +1,10 @@
-"""The training loop, in one fixed order.
+"""The training loop, in one fixed order, as phases that share a `Run`.
 
-    setup -> data -> optimizer and schedule -> resume -> for each micro-batch:
+    start_run: setup -> data -> optimizer and schedule -> resume -> trackers
+    train_epoch, for each epoch: for each micro-batch:
         encode (on the fly) -> forward_loss -> backward -> [optimizer step]
-        after a real optimizer step only: LR step, EMA, log, checkpoint, validation
-    -> final pipeline + model card (main process)
+        after_optimizer_step, after a real optimizer step only: LR step, EMA, log, checkpoint, validation
+    finish: final validation, pipeline + model card (main process), teardown, hub upload
 
 `global_step` counts optimizer steps everywhere: the LR schedule, logs, checkpoints, validation.
 """
@@ -16,23 +17,17 @@ import math
 import sys
 import time
 from pathlib import Path
+from typing import Any
 
 import torch
 from tqdm.auto import tqdm
 
+from ip2p.errors import UserError
+from ip2p.models import load_parts, vae_scale_factor
 from ip2p.training import checkpoint as ckpt
 from ip2p.training.cache import cached_batch
 from ip2p.training.config import TrainConfig, silent_default_warnings, to_dict, write_resolved
-from ip2p.training.pairs import (
-    TrainPairs,
-    load_splits,
-    make_dataloader,
-    repeats_per_epoch,
-    steps_per_epoch,
-    upscale_warning,
-)
 from ip2p.training.encode import OnTheFlyEncoder
-from ip2p.errors import UserError
 from ip2p.training.guards import (
     EXIT_PREEMPTED,
     NonFiniteGuard,
@@ -42,93 +37,173 @@ from ip2p.training.guards import (
 )
 from ip2p.training.heldout import encode_heldout, heldout_losses
 from ip2p.training.hub import check_hub_access, push_to_hub
-from ip2p.models import load_parts, vae_scale_factor
 from ip2p.training.model_card import write_model_card
-from ip2p.training.step import train_micro_step
+from ip2p.training.pairs import (
+    TrainPairs,
+    load_splits,
+    make_dataloader,
+    repeats_per_epoch,
+    steps_per_epoch,
+    upscale_warning,
+)
 from ip2p.training.setup import (
     DTYPES,
     MetricsLog,
     batch_arithmetic,
-    make_accelerator,
     compile_unet,
+    make_accelerator,
     make_optimizer,
     open_cache,
     peak_memory_gib,
     place_encoders,
     prepare_models,
 )
+from ip2p.training.step import Objective, train_micro_step
 from ip2p.training.validation import Validator, load_validation_pairs, log_grid
+
 
 def train(cfg: TrainConfig) -> int:
     """Train; returns the exit code (0, or 75 when stopped by a signal after a checkpoint)."""
-    from diffusers.optimization import get_scheduler
-    from diffusers.training_utils import EMAModel
+    run = start_run(cfg)
+    epoch, skip = run.start
+    while run.state.global_step < run.max_steps:
+        if train_epoch(run, epoch, skip):
+            return EXIT_PREEMPTED
+        epoch, skip = epoch + 1, 0
+    return finish(run)
 
-    output_dir = Path(cfg.output_dir)
+
+@dataclasses.dataclass
+class Run:
+    """What the phases of one run share: filled in by start_run, advanced by train_epoch, closed by finish."""
+
+    cfg: TrainConfig
+    accelerator: Any
+    output_dir: Path
+    weight_dtype: torch.dtype
+    # inputs (load_inputs)
+    hub_repo: Any = None
+    validation_pairs: Any = None
+    resume_path: Path | None = None
+    num_pairs: int = 0
+    parts: Any = None
+    train_set: Any = None
+    produce: Any = None
+    heldout: Any = None
+    loader: Any = None
+    sampler: Any = None
+    # optimisation (build_optimizer, resume)
+    unet: Any = None
+    optimizer: Any = None
+    ema: Any = None
+    lr_scheduler: Any = None
+    state: ckpt.TrainState | None = None
+    metrics: MetricsLog | None = None
+    total_batch_size: int = 0
+    lr: float = 0.0
+    steps_per_epoch: int = 0
+    max_steps: int = 0
+    micro_batch: int = 0
+    # the loop (start_loop)
+    validator: Validator | None = None
+    objective: Objective | None = None
+    bar: Any = None
+    stop: StopOnSignal | None = None
+    nonfinite: NonFiniteGuard | None = None
+    compile_clock: CompileClock | None = None
+    replaced: torch.Tensor | None = None  # encoding on the fly: samples that failed to decode, since the last read
+    loss_sum: torch.Tensor | None = None  # since the last log line
+    micro_steps: int = 0
+    t0: float = 0.0  # the rate's clock, moved on past checkpoints and validation
+    last_checkpoint: Path | None = None
+    last_grid: str | None = None
+    start: tuple[int, int] = (0, 0)  # (epoch, micro-batches to skip)
+
+
+def start_run(cfg: TrainConfig) -> Run:
+    """Everything before the first micro-batch, in order; all user errors surface here."""
     accelerator = make_accelerator(cfg)
-    main = accelerator.is_main_process
-    device = accelerator.device
     if accelerator.distributed_type.value == "FSDP":
         raise UserError("the trainer runs under DDP or DeepSpeed ZeRO-2, not FSDP yet (its validation and final "
                         "save need the whole UNet on one process); write a config with "
                         "./setup_accelerate.sh --backend deepspeed (or ddp)")
-    weight_dtype = DTYPES[accelerator.mixed_precision]
-    if main:  # before anything long starts (the cache build can take hours)
+    run = Run(cfg, accelerator, Path(cfg.output_dir), DTYPES[accelerator.mixed_precision])
+    if accelerator.is_main_process:  # before anything long starts (the cache build can take hours)
         for warning in silent_default_warnings(cfg):
             print(f"warning: {warning}", file=sys.stderr, flush=True)
     if cfg.seed is not None:
         from accelerate.utils import set_seed
 
         set_seed(cfg.seed, device_specific=True)  # different noise on each rank, reproducible
+    load_inputs(run)
+    build_optimizer(run)
+    resume(run)
+    announce(run)
+    start_loop(run)
+    return run
 
-    # --- models, data, validation inputs (all user errors surface here, before anything is written)
-    hub_repo = check_hub_access(cfg, output_dir) if cfg.push_to_hub and main else None
-    validation_pairs = load_validation_pairs(cfg)
-    resume_path = ckpt.resolve_resume(cfg.resume_from_checkpoint, output_dir)
+
+def load_inputs(run: Run) -> None:
+    """Models, data, validation inputs (all user errors surface here, before anything is written)."""
+    cfg, accelerator, output_dir, weight_dtype = run.cfg, run.accelerator, run.output_dir, run.weight_dtype
+    main, device = accelerator.is_main_process, accelerator.device
+    run.hub_repo = check_hub_access(cfg, output_dir) if cfg.push_to_hub and main else None
+    run.validation_pairs = load_validation_pairs(cfg)
+    run.resume_path = ckpt.resolve_resume(cfg.resume_from_checkpoint, output_dir)
     hf_dataset, heldout_dataset = main_process_first(accelerator, lambda: load_splits(cfg))
     if main and (warning := upscale_warning(hf_dataset, cfg)):
         print(f"warning: {warning}", file=sys.stderr, flush=True)
-    parts = load_parts(cfg)
+    run.num_pairs = len(hf_dataset)
+    run.parts = parts = load_parts(cfg)
     prepare_models(parts, cfg, device, weight_dtype)
     pairs = TrainPairs(hf_dataset, cfg, (parts.tokenizer, parts.tokenizer_2))
     if cfg.cache_latents:
-        train_set = open_cache(accelerator, cfg, hf_dataset, parts, pairs, weight_dtype)
-        produce = functools.partial(cached_batch, dtype=weight_dtype)
+        run.train_set = open_cache(accelerator, cfg, hf_dataset, parts, pairs, weight_dtype)
+        run.produce = functools.partial(cached_batch, dtype=weight_dtype)
     else:
         place_encoders(parts, device)
-        train_set = pairs
-        produce = OnTheFlyEncoder(parts.vae, parts.text_encoder, parts.text_encoder_2, cfg.resolution, weight_dtype)
-    heldout = encode_heldout_split(cfg, parts, heldout_dataset, device, weight_dtype) if main else None
-    loader, sampler = make_dataloader(train_set, cfg.train_batch_size, cfg.dataloader_num_workers,
-                                      cfg.seed or 0, pin_memory=device.type == "cuda")
+        run.train_set = pairs
+        run.produce = OnTheFlyEncoder(parts.vae, parts.text_encoder, parts.text_encoder_2, cfg.resolution,
+                                      weight_dtype)
+    run.heldout = encode_heldout_split(cfg, parts, heldout_dataset, device, weight_dtype) if main else None
+    run.loader, run.sampler = make_dataloader(run.train_set, cfg.train_batch_size, cfg.dataloader_num_workers,
+                                              cfg.seed or 0, pin_memory=device.type == "cuda")
     if main:
         output_dir.mkdir(parents=True, exist_ok=True)
         write_resolved(cfg, output_dir)
 
-    # --- optimizer, schedule, EMA
-    total_batch_size, lr = batch_arithmetic(cfg, accelerator.num_processes)
-    unet = parts.unet
-    optimizer = make_optimizer(cfg, unet.parameters(), lr, device)
-    ema = None
+
+def build_optimizer(run: Run) -> None:
+    """Optimizer, EMA, compilation, accelerate's wrapping, the LR schedule and the train state."""
+    from diffusers.optimization import get_scheduler
+    from diffusers.training_utils import EMAModel
+
+    cfg, accelerator = run.cfg, run.accelerator
+    run.total_batch_size, run.lr = batch_arithmetic(cfg, accelerator.num_processes)
+    unet = run.parts.unet
+    optimizer = make_optimizer(cfg, unet.parameters(), run.lr, accelerator.device)
     if cfg.use_ema:
-        ema = EMAModel(unet.parameters(), decay=cfg.ema_decay, model_cls=type(unet), model_config=unet.config)
+        run.ema = EMAModel(unet.parameters(), decay=cfg.ema_decay, model_cls=type(unet), model_config=unet.config)
     if cfg.torch_compile:  # after the optimizer took the parameters, before DDP wraps the UNet
         unet = compile_unet(unet, cfg.torch_compile_mode)
-    unet, optimizer, loader = accelerator.prepare(unet, optimizer, loader)
-    spe = steps_per_epoch(len(loader), cfg.gradient_accumulation_steps)
-    max_steps = cfg.max_train_steps or cfg.num_train_epochs * spe
-    num_epochs = math.ceil(max_steps / spe)
-    micro_batch = cfg.train_batch_size * accelerator.num_processes
+    run.unet, run.optimizer, run.loader = accelerator.prepare(unet, optimizer, run.loader)
+    run.steps_per_epoch = steps_per_epoch(len(run.loader), cfg.gradient_accumulation_steps)
+    run.max_steps = cfg.max_train_steps or cfg.num_train_epochs * run.steps_per_epoch
+    run.micro_batch = cfg.train_batch_size * accelerator.num_processes
     # The schedule is stepped once per optimizer step by this loop (not by accelerate, which
     # would step it num_processes times: diffusers#8312), so its lengths are optimizer steps.
-    lr_scheduler = get_scheduler(cfg.lr_scheduler, optimizer=optimizer, num_warmup_steps=cfg.lr_warmup_steps,
-                                 num_training_steps=max_steps)
-    state = ckpt.TrainState(0, accelerator.num_processes, total_batch_size)
-    accelerator.register_for_checkpointing(lr_scheduler, state)
-    if ema is not None:
-        accelerator.register_for_checkpointing(ema)
+    run.lr_scheduler = get_scheduler(cfg.lr_scheduler, optimizer=run.optimizer,
+                                     num_warmup_steps=cfg.lr_warmup_steps, num_training_steps=run.max_steps)
+    run.state = ckpt.TrainState(0, accelerator.num_processes, run.total_batch_size)
+    accelerator.register_for_checkpointing(run.lr_scheduler, run.state)
+    if run.ema is not None:
+        accelerator.register_for_checkpointing(run.ema)
 
-    metrics = MetricsLog(output_dir / "logs" / "metrics.jsonl", main)
+
+def resume(run: Run) -> None:
+    """The metrics log, and the checkpoint to continue from, if any."""
+    accelerator, state, resume_path = run.accelerator, run.state, run.resume_path
+    run.metrics = MetricsLog(run.output_dir / "logs" / "metrics.jsonl", accelerator.is_main_process)
     if resume_path is not None:
         accelerator.load_state(str(resume_path))
         if state.num_processes != accelerator.num_processes:
@@ -137,125 +212,162 @@ def train(cfg: TrainConfig) -> int:
                 f"{accelerator.num_processes}: the weights, optimizer and LR schedule continue exactly; the place in "
                 "the data is converted through the samples seen (at most one micro-batch repeats); the noise differs "
                 "from an unbroken run")
-        metrics.truncate_after(state.global_step)  # rows a crashed run logged after its checkpoint
+        run.metrics.truncate_after(state.global_step)  # rows a crashed run logged after its checkpoint
         accelerator.print(f"resumed from {resume_path} at optimizer step {state.global_step}")
-    elif cfg.resume_from_checkpoint == "latest":
-        accelerator.print(f"no checkpoint in {output_dir} yet; starting a new run")
-    if ema is not None:
+    elif run.cfg.resume_from_checkpoint == "latest":
+        accelerator.print(f"no checkpoint in {run.output_dir} yet; starting a new run")
+    if run.ema is not None:
         # only now: load_state loads registered objects to the CPU and EMAModel keeps them there, so
         # an EMA placed before it would mix a CUDA parameter with a CPU shadow at its first step
-        ema.to(device)
+        run.ema.to(accelerator.device)
 
-    if main:
+
+def announce(run: Run) -> None:
+    """Trackers (main process), and the run's arithmetic on the console."""
+    cfg, accelerator = run.cfg, run.accelerator
+    if accelerator.is_main_process:
         tracker_config = {k: v for k, v in to_dict(cfg).items() if isinstance(v, (int, float, str, bool))}
         accelerator.init_trackers(cfg.tracker_project_name, config=tracker_config)
+    num_epochs = math.ceil(run.max_steps / run.steps_per_epoch)
     accelerator.print(
-        f"{len(hf_dataset)} pairs | {accelerator.num_processes} processes x {cfg.train_batch_size} per device x "
-        f"{cfg.gradient_accumulation_steps} accumulation = {total_batch_size} per optimizer step | lr {lr:g} | "
-        f"{spe} optimizer steps per epoch, {max_steps} in all ({num_epochs} epochs)")
-    repeats = repeats_per_epoch(len(train_set), cfg.train_batch_size, accelerator.num_processes)
+        f"{run.num_pairs} pairs | {accelerator.num_processes} processes x {cfg.train_batch_size} per device x "
+        f"{cfg.gradient_accumulation_steps} accumulation = {run.total_batch_size} per optimizer step | "
+        f"lr {run.lr:g} | {run.steps_per_epoch} optimizer steps per epoch, {run.max_steps} in all "
+        f"({num_epochs} epochs)")
+    repeats = repeats_per_epoch(len(run.train_set), cfg.train_batch_size, accelerator.num_processes)
     if repeats:
         accelerator.print(f"each epoch's last round of micro-batches is filled up with {repeats} samples from the "
                           f"start of the epoch ({accelerator.num_processes} processes x {cfg.train_batch_size} "
                           "do not divide the data): they are seen twice in that epoch")
 
-    validator = Validator(cfg, parts, validation_pairs, weight_dtype) if validation_pairs else None
-    dropout_p = cfg.conditioning_dropout_prob or 0.0
-    scaling = parts.vae.config.scaling_factor
-    bar = tqdm(total=max_steps, initial=state.global_step, disable=not main, desc="optimizer steps")
-    last_grid = None
-    loss_sum, micro_steps, t0 = torch.zeros((), device=device), 0, time.perf_counter()
 
-    stop = StopOnSignal()
+def start_loop(run: Run) -> None:
+    """The validator, progress bar, counters, guards and the place in the data to start from."""
+    cfg, accelerator, state = run.cfg, run.accelerator, run.state
+    main, device = accelerator.is_main_process, accelerator.device
+    run.validator = Validator(cfg, run.parts, run.validation_pairs, run.weight_dtype) if run.validation_pairs else None
+    run.objective = Objective(run.parts.noise_scheduler, run.parts.vae.config.scaling_factor,
+                              cfg.conditioning_dropout_prob or 0.0)
+    run.bar = tqdm(total=run.max_steps, initial=state.global_step, disable=not main, desc="optimizer steps")
+    run.last_grid = None
+    run.loss_sum, run.micro_steps, run.t0 = torch.zeros((), device=device), 0, time.perf_counter()
+
+    run.stop = StopOnSignal()
     if cfg.cache_latents:
-        state.replaced_samples = train_set.cache.replaced_samples()
-    replaced = torch.zeros((), device=device, dtype=torch.long)
-    last_checkpoint = resume_path
-    nonfinite = NonFiniteGuard(cfg.max_nonfinite_steps or 10**9, device, state.skipped_steps, state.global_step)
-    compile_clock = CompileClock(cfg.torch_compile and main, cfg.torch_compile_mode)
-    epoch, skip = ckpt.resume_position(state, micro_batch, len(loader))
+        state.replaced_samples = run.train_set.cache.replaced_samples()
+    run.replaced = torch.zeros((), device=device, dtype=torch.long)
+    run.last_checkpoint = run.resume_path
+    run.nonfinite = NonFiniteGuard(cfg.max_nonfinite_steps or 10**9, device, state.skipped_steps, state.global_step)
+    run.compile_clock = CompileClock(cfg.torch_compile and main, cfg.torch_compile_mode)
+    run.start = ckpt.resume_position(state, run.micro_batch, len(run.loader))
     state.num_processes, state.total_batch_size, state.micro_batch = (
-        accelerator.num_processes, total_batch_size, micro_batch)
-    while state.global_step < max_steps:
-        sampler.use_epoch(epoch)
-        train_set.use_epoch(epoch)
-        epoch_loader = accelerator.skip_first_batches(loader, skip) if skip else loader
-        state.epoch, state.batches_in_epoch = epoch, skip
-        for batch in epoch_loader:
-            if "replaced" in batch:  # encoding on the fly: samples that failed to decode
-                replaced += batch["replaced"].sum()
-            with accelerator.accumulate(unet):
-                loss, skipped = train_micro_step(accelerator, unet, optimizer, produce(batch, device),
-                                                 parts.noise_scheduler, scaling, dropout_p, cfg.max_grad_norm,
-                                                 skip_nonfinite=cfg.max_nonfinite_steps > 0)
-            loss_sum += loss
-            micro_steps += 1
-            state.batches_in_epoch += 1
-            if not accelerator.sync_gradients:
-                continue
+        accelerator.num_processes, run.total_batch_size, run.micro_batch)
 
-            # --- after a real optimizer step only; the host reads nothing from the GPU here but
-            # once per logging interval (and before a checkpoint)
-            lr_scheduler.step()
-            if ema is not None:
-                ema.step(unet.parameters())
-            state.global_step += 1
-            step = state.global_step
-            nonfinite.update(skipped)
-            bar.update(1)
-            compile_clock.first_step_done(bar)
-            stopping = stop.requested(accelerator)
-            log_now = step % cfg.logging_steps == 0 or step >= max_steps or stopping
-            save_now = step % cfg.checkpointing_steps == 0 or stopping
-            if log_now or save_now:
-                state.skipped_steps = nonfinite.check(step, last_checkpoint)
-                if not cfg.cache_latents:
-                    state.replaced_samples += int(accelerator.reduce(replaced, reduction="sum").item())
-                    replaced.zero_()
-            if log_now:
-                row = log_step(accelerator, cfg, metrics, lr_scheduler, epoch, step, loss_sum / micro_steps,
-                               micro_steps, t0, state)
-                bar.set_postfix(loss=f"{row['loss']:.4f}", lr=f"{row['lr']:.2e}",
-                                samples_s=f"{row['samples_per_s']:.2f}", peak_gib=f"{row['peak_memory_gib']:.1f}")
-                loss_sum.zero_()
-                micro_steps, t0 = 0, time.perf_counter()
 
-            busy = time.perf_counter()  # checkpoints and validation are left out of the rate
-            if save_now:
-                check_replicas(accelerator, unet)
-                check_free_space(accelerator, output_dir, step, checkpoint_bytes_estimate(last_checkpoint, unet, ema))
-                last_checkpoint = ckpt.save_checkpoint(accelerator, output_dir, state, cfg.checkpoints_total_limit)
-            if stopping:
-                accelerator.print(f"stopped by {stop.received or 'a signal on another process'} at optimizer step "
-                                  f"{step}, after saving {last_checkpoint}; run the same command with "
-                                  "--resume_from_checkpoint latest to continue")
-                accelerator.end_training()
-                return EXIT_PREEMPTED
-            if main and step % cfg.validation_steps == 0:
-                last_grid = validate(accelerator, validator, heldout, parts, unet, ema, step, output_dir) or last_grid
-            t0 += time.perf_counter() - busy
-            if step >= max_steps:
-                break
-        epoch, skip = epoch + 1, 0
-    bar.close()
-    stop.restore()
+def train_epoch(run: Run, epoch: int, skip: int) -> bool:
+    """One epoch's micro-batches, after the first `skip`; True when a signal stopped the run."""
+    accelerator, cfg, state = run.accelerator, run.cfg, run.state
+    run.sampler.use_epoch(epoch)
+    run.train_set.use_epoch(epoch)
+    epoch_loader = accelerator.skip_first_batches(run.loader, skip) if skip else run.loader
+    state.epoch, state.batches_in_epoch = epoch, skip
+    for batch in epoch_loader:
+        if "replaced" in batch:  # encoding on the fly: samples that failed to decode
+            run.replaced += batch["replaced"].sum()
+        with accelerator.accumulate(run.unet):
+            loss, skipped = train_micro_step(accelerator, run.unet, run.optimizer,
+                                             run.produce(batch, accelerator.device), run.objective,
+                                             cfg.max_grad_norm, skip_nonfinite=cfg.max_nonfinite_steps > 0)
+        run.loss_sum += loss
+        run.micro_steps += 1
+        state.batches_in_epoch += 1
+        if not accelerator.sync_gradients:
+            continue
+        if after_optimizer_step(run, epoch, skipped):
+            return True
+        if state.global_step >= run.max_steps:
+            break
+    return False
 
-    check_replicas(accelerator, unet)
+
+def after_optimizer_step(run: Run, epoch: int, skipped) -> bool:
+    """After a real optimizer step only; the host reads nothing from the GPU here but once per
+    logging interval (and before a checkpoint). True when a signal stopped the run (after a
+    checkpoint, with the training ended)."""
+    cfg, accelerator, state = run.cfg, run.accelerator, run.state
+    run.lr_scheduler.step()
+    if run.ema is not None:
+        run.ema.step(run.unet.parameters())
+    state.global_step += 1
+    step = state.global_step
+    run.nonfinite.update(skipped)
+    run.bar.update(1)
+    run.compile_clock.first_step_done(run.bar)
+    stopping = run.stop.requested(accelerator)
+    log_now = step % cfg.logging_steps == 0 or step >= run.max_steps or stopping
+    save_now = step % cfg.checkpointing_steps == 0 or stopping
+    if log_now or save_now:
+        read_counters(run, step)
+    if log_now:
+        log_step(run, epoch, step)
+
+    busy = time.perf_counter()  # checkpoints and validation are left out of the rate
+    if save_now:
+        save_checkpoint(run, step)
+    if stopping:
+        accelerator.print(f"stopped by {run.stop.received or 'a signal on another process'} at optimizer step "
+                          f"{step}, after saving {run.last_checkpoint}; run the same command with "
+                          "--resume_from_checkpoint latest to continue")
+        accelerator.end_training()
+        return True
+    if accelerator.is_main_process and step % cfg.validation_steps == 0:
+        run.last_grid = validate(run, step) or run.last_grid
+    run.t0 += time.perf_counter() - busy
+    return False
+
+
+def read_counters(run: Run, step: int) -> None:
+    """Before a log line or a checkpoint: the non-finite guard (it may stop the run) and the
+    samples replaced on the fly, summed over the processes."""
+    run.state.skipped_steps = run.nonfinite.check(step, run.last_checkpoint)
+    if not run.cfg.cache_latents:
+        run.state.replaced_samples += int(run.accelerator.reduce(run.replaced, reduction="sum").item())
+        run.replaced.zero_()
+
+
+def save_checkpoint(run: Run, step: int) -> None:
+    """The same weights on every process, room on the disk, then the checkpoint."""
+    check_replicas(run.accelerator, run.unet)
+    check_free_space(run.accelerator, run.output_dir, step,
+                     checkpoint_bytes_estimate(run.last_checkpoint, run.unet, run.ema))
+    run.last_checkpoint = ckpt.save_checkpoint(run.accelerator, run.output_dir, run.state,
+                                               run.cfg.checkpoints_total_limit)
+
+
+def finish(run: Run) -> int:
+    """After the last step: final validation, pipeline and model card (main process), teardown,
+    then the hub upload; returns the exit code."""
+    accelerator, cfg, state = run.accelerator, run.cfg, run.state
+    main = accelerator.is_main_process
+    run.bar.close()
+    run.stop.restore()
+
+    check_replicas(accelerator, run.unet)
     accelerator.wait_for_everyone()
     if main:
         if state.global_step % cfg.validation_steps:  # the last step had no validation yet
-            last_grid = validate(accelerator, validator, heldout, parts, unet, ema, state.global_step,
-                                 output_dir) or last_grid
-        save_pipeline(cfg, parts, accelerator.unwrap_model(unet, keep_torch_compile=False), ema, output_dir)
-        write_model_card(output_dir, cfg, state, len(hf_dataset), last_grid)
+            run.last_grid = validate(run, state.global_step) or run.last_grid
+        save_pipeline(cfg, run.parts, accelerator.unwrap_model(run.unet, keep_torch_compile=False), run.ema,
+                      run.output_dir)
+        write_model_card(run.output_dir, cfg, state, run.num_pairs, run.last_grid)
     # end_training destroys the process group: every rank must get there together. A rank that tore
     # its gloo group down while the main one was still saving hung at exit (joining gloo's threads).
     accelerator.wait_for_everyone()
     accelerator.end_training()
     if main:
-        accelerator.print(f"saved the InstructPix2Pix pipeline to {output_dir.resolve()}")
-        if hub_repo:  # after the teardown: an upload may outlast a collective's timeout
-            return push_to_hub(cfg, output_dir, hub_repo)
+        accelerator.print(f"saved the InstructPix2Pix pipeline to {run.output_dir.resolve()}")
+        if run.hub_repo:  # after the teardown: an upload may outlast a collective's timeout
+            return push_to_hub(cfg, run.output_dir, run.hub_repo)
     return 0
 
 
@@ -303,18 +415,24 @@ class CompileClock:
                       f"{time.perf_counter() - self.t0:.1f} s, compilation included")
 
 
-def log_step(accelerator, cfg, metrics, lr_scheduler, epoch: int, step: int, loss: torch.Tensor,
-             micro_steps: int, t0: float, state) -> dict:
-    """Read the loss (a host synchronisation), mean over processes; write metrics.jsonl. The clock
-    is read after the loss: the host runs ahead of the GPU, and the rate must count the GPU's work."""
-    loss_value = accelerator.reduce(loss, reduction="mean").item()
-    elapsed = time.perf_counter() - t0
-    row = {"step": step, "epoch": epoch, "loss": loss_value, "lr": float(lr_scheduler.get_last_lr()[0]),  # a tensor for torchao
-           "samples_per_s": micro_steps * cfg.train_batch_size * accelerator.num_processes / elapsed,
+def log_step(run: Run, epoch: int, step: int) -> dict:
+    """Read the interval's mean loss (a host synchronisation), mean over processes; write
+    metrics.jsonl and the bar's postfix, then start the next interval. The clock is read after the
+    loss: the host runs ahead of the GPU, and the rate must count the GPU's work."""
+    accelerator, state = run.accelerator, run.state
+    loss_value = accelerator.reduce(run.loss_sum / run.micro_steps, reduction="mean").item()
+    elapsed = time.perf_counter() - run.t0
+    row = {"step": step, "epoch": epoch, "loss": loss_value,
+           "lr": float(run.lr_scheduler.get_last_lr()[0]),  # a tensor for torchao
+           "samples_per_s": run.micro_steps * run.cfg.train_batch_size * accelerator.num_processes / elapsed,
            "peak_memory_gib": peak_memory_gib(accelerator.device),
            "skipped_steps": state.skipped_steps, "replaced_samples": state.replaced_samples}
-    metrics.write(row)
+    run.metrics.write(row)
     accelerator.log({k: v for k, v in row.items() if k != "step"}, step=step)
+    run.bar.set_postfix(loss=f"{row['loss']:.4f}", lr=f"{row['lr']:.2e}",
+                        samples_s=f"{row['samples_per_s']:.2f}", peak_gib=f"{row['peak_memory_gib']:.1f}")
+    run.loss_sum.zero_()
+    run.micro_steps, run.t0 = 0, time.perf_counter()
     return row
 
 
@@ -333,23 +451,24 @@ def encode_heldout_split(cfg: TrainConfig, parts, heldout_dataset, device, dtype
     return heldout
 
 
-def validate(accelerator, validator, heldout, parts, unet, ema, step: int, output_dir: Path) -> str | None:
+def validate(run: Run, step: int) -> str | None:
     """Held-out losses and validation images, with the EMA weights when there are any; then the
     trained weights go back. Returns the grid's path relative to the output folder."""
-    if validator is None and heldout is None:
+    accelerator, ema, parts, output_dir = run.accelerator, run.ema, run.parts, run.output_dir
+    if run.validator is None and run.heldout is None:
         return None
-    model = accelerator.unwrap_model(unet, keep_torch_compile=False)  # --torch_compile_mode full: sample eagerly
+    model = accelerator.unwrap_model(run.unet, keep_torch_compile=False)  # --torch_compile_mode full: sample eagerly
     if ema is not None:
         ema.store(model.parameters())
         ema.copy_to(model.parameters())
     grid = None
-    if heldout is not None:
-        losses = heldout_losses(model, heldout, parts.noise_scheduler, parts.vae.config.scaling_factor,
+    if run.heldout is not None:
+        losses = heldout_losses(model, run.heldout, parts.noise_scheduler, parts.vae.config.scaling_factor,
                                 DTYPES[accelerator.mixed_precision])
         MetricsLog(output_dir / "logs" / "heldout.jsonl", True).write({"step": step, **losses})
         accelerator.log(losses, step=step)
-    if validator is not None:
-        grid = validator.render(model, step)
+    if run.validator is not None:
+        grid = run.validator.render(model, step)
     if ema is not None:
         ema.restore(model.parameters())
     return str(log_grid(accelerator, grid, step, output_dir).relative_to(output_dir)) if grid else None

@@ -7,6 +7,9 @@ so a run is reproducible from the saved RNG state.
 
 from __future__ import annotations
 
+import dataclasses
+from dataclasses import dataclass
+
 import torch
 
 from ip2p.method import (
@@ -24,14 +27,23 @@ def _randn(like: torch.Tensor) -> torch.Tensor:
     return torch.randn(like.shape, device=like.device, dtype=like.dtype)
 
 
-def forward_loss(
-    unet, batch: EncodedBatch, noise_scheduler, scaling_factor: float, conditioning_dropout_prob: float
-) -> torch.Tensor:
+@dataclass(frozen=True)
+class Objective:
+    """The fixed parts of the loss: the DDPM noise schedule (Ho et al. 2020), the VAE's latent
+    scale, and InstructPix2Pix's conditioning dropout (Brooks et al. 2023, 3.2.1)."""
+
+    noise_scheduler: object
+    scaling_factor: float
+    conditioning_dropout_prob: float = 0.0
+
+
+def forward_loss(unet, batch: EncodedBatch, objective: Objective) -> torch.Tensor:
     """Noise the edited latent, condition on the input latent and the text, predict, regress.
 
     The forward process runs in fp32 whatever the batch's dtype (a bf16 cache or bf16 encoders):
     see `denoising_loss`.
     """
+    noise_scheduler, scaling_factor = objective.noise_scheduler, objective.scaling_factor
     mean = batch.edited_latent_mean.float()
     n = mean.shape[0]
     # 1. a fresh sample of the edited image's latent (as vae.encode(...).sample() would give)
@@ -42,15 +54,16 @@ def forward_loss(
         0, noise_scheduler.config.num_train_timesteps, (n,), device=latents.device).long()
     # 3. InstructPix2Pix conditioning dropout, one uniform draw per sample
     r = torch.rand(n, device=latents.device)
-    prompt_embeds, pooled, original = apply_conditioning_dropout(batch, r, conditioning_dropout_prob)
-    return denoising_loss(unet, noise_scheduler, latents, noise, timesteps, original, prompt_embeds, pooled,
-                          batch.time_ids)
+    prompt_embeds, pooled, original = apply_conditioning_dropout(batch, r, objective.conditioning_dropout_prob)
+    conditioning = dataclasses.replace(batch, original_latents=original, prompt_embeds=prompt_embeds,
+                                       pooled_prompt_embeds=pooled)
+    return denoising_loss(unet, noise_scheduler, latents, noise, timesteps, conditioning)
 
 
-def denoising_loss(unet, noise_scheduler, latents, noise, timesteps, original, prompt_embeds, pooled,
-                   time_ids) -> torch.Tensor:
+def denoising_loss(unet, noise_scheduler, latents, noise, timesteps, conditioning: EncodedBatch) -> torch.Tensor:
     """The UNet sees the noisy edited latent and the input latent stacked on channels; MSE to the
-    target. Shared by training (random draws) and the held-out loss (fixed draws).
+    target. Shared by training (random draws) and the held-out loss (fixed draws). `conditioning`
+    gives the input latent, the text embeddings and the time ids (its edited-latent fields are unused).
 
     The forward process (DDPM, Ho et al. 2020, eq. 4), the target and the loss are computed in
     fp32 whatever the training dtype: `add_noise` casts alpha_bar to the latents' dtype, and in bf16
@@ -61,10 +74,11 @@ def denoising_loss(unet, noise_scheduler, latents, noise, timesteps, original, p
     """
     latents, noise = latents.float(), noise.float()
     noisy = noise_scheduler.add_noise(latents, noise, timesteps)
-    model_input = torch.cat([noisy, original.float()], dim=1).to(parameter_dtype(unet))
+    c = conditioning
+    model_input = torch.cat([noisy, c.original_latents.float()], dim=1).to(parameter_dtype(unet))
     pred = unet(
-        model_input, timesteps, prompt_embeds,
-        added_cond_kwargs={"text_embeds": pooled, "time_ids": time_ids},
+        model_input, timesteps, c.prompt_embeds,
+        added_cond_kwargs={"text_embeds": c.pooled_prompt_embeds, "time_ids": c.time_ids},
         return_dict=False,
     )[0]
     return compute_loss(pred, diffusion_target(noise_scheduler, latents, noise, timesteps))
@@ -74,8 +88,7 @@ def parameter_dtype(module) -> torch.dtype:
     return next(module.parameters()).dtype
 
 
-def train_micro_step(accelerator, unet, optimizer, batch: EncodedBatch, noise_scheduler, scaling_factor: float,
-                     conditioning_dropout_prob: float, max_grad_norm: float,
+def train_micro_step(accelerator, unet, optimizer, batch: EncodedBatch, objective: Objective, max_grad_norm: float,
                      skip_nonfinite: bool = True) -> tuple[torch.Tensor, torch.Tensor | bool]:
     """One micro-batch, called inside `accelerator.accumulate(unet)`: loss, backward, and on the
     micro-batch that completes an accumulation, clipping and the optimizer step.
@@ -87,7 +100,7 @@ def train_micro_step(accelerator, unet, optimizer, batch: EncodedBatch, noise_sc
     non-finite steps in bf16 and fp32 too); both answer with a Python bool. Otherwise this
     function, on the device (`skip_nonfinite_on_device`), answering with a bool tensor.
     """
-    loss = forward_loss(unet, batch, noise_scheduler, scaling_factor, conditioning_dropout_prob)
+    loss = forward_loss(unet, batch, objective)
     accelerator.backward(loss)
     deepspeed = is_deepspeed(accelerator)
     others_decide = deepspeed or accelerator.scaler is not None

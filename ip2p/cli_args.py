@@ -202,8 +202,11 @@ class FlagParser(argparse.ArgumentParser):
 # ---------------------------------------------------------------- the flags of inference.py and evaluate.py
 
 
-def _f(default, help: str):
-    return field(default=default, metadata={"help": help})
+def flag(default, help: str, **kw):
+    """A dataclass field that is a flag: its default, its --help text, and FlagParser's options
+    (`group`: the --help section; `no_help`: the help of --no_NAME; `metavar`)."""
+    return field(default=default, metadata={"help": help, **kw})
+
 
 
 @dataclass
@@ -211,33 +214,33 @@ class InferenceArgs:
     """Every flag of `inference.py` (the field name is the flag name); see its docstring."""
 
     model_path: str = field(metadata={"help": "trained pipeline folder (trainer's --output_dir)"})
-    input_image: str | None = _f(None, "a photo, or a folder of photos (needs --output_dir)")
-    instruction: str | None = _f(None, "the edit, e.g. 'turn the sky into sunset'")
-    output_path: str | None = _f(None, "the edited photo (one input); its suffix picks the format")
-    output_dir: str | None = _f(None, "folder for many outputs, each named after its input "
+    input_image: str | None = flag(None, "a photo, or a folder of photos (needs --output_dir)")
+    instruction: str | None = flag(None, "the edit, e.g. 'turn the sky into sunset'")
+    output_path: str | None = flag(None, "the edited photo (one input); its suffix picks the format")
+    output_dir: str | None = flag(None, "folder for many outputs, each named after its input "
                                       "(photo.jpg -> photo.png; photo_1.png, ... on collisions)")
-    prompts_file: str | None = _f(None, "JSONL of edits: {\"image\": ..., \"instruction\": ...[, "
+    prompts_file: str | None = flag(None, "JSONL of edits: {\"image\": ..., \"instruction\": ...[, "
                                         "\"output\": ...]}, images relative to the file")
-    num_inference_steps: int = _f(30, "denoising steps")
-    guidance_scale: float = _f(3.0, "text guidance: how strongly to follow the instruction "
+    num_inference_steps: int = flag(30, "denoising steps")
+    guidance_scale: float = flag(3.0, "text guidance: how strongly to follow the instruction "
                                     "(3.0 as on the public model card; 5-7.5 for stronger edits)")
-    image_guidance_scale: float = _f(1.5, "image guidance: how closely to keep the input photo "
+    image_guidance_scale: float = flag(1.5, "image guidance: how closely to keep the input photo "
                                           "(higher = more faithful, weaker edit)")
-    seed: int = _f(0, "noise seed (CPU generator: the same output on any device); every photo "
+    seed: int = flag(0, "noise seed (CPU generator: the same output on any device); every photo "
                       "and sweep cell starts from it")
-    negative_prompt: str | None = _f(None, "what to steer away from (default: the zero "
+    negative_prompt: str | None = flag(None, "what to steer away from (default: the zero "
                                            "embedding the model was trained with)")
-    resolution: int | None = _f(None, "long side of the output in pixels (default: the model's "
+    resolution: int | None = flag(None, "long side of the output in pixels (default: the model's "
                                       "training_config.yaml 'resolution', else the UNet's own)")
-    sweep_image_guidance: str | None = _f(None, "e.g. 1.0,1.5,2.0: write a grid per photo, these "
+    sweep_image_guidance: str | None = flag(None, "e.g. 1.0,1.5,2.0: write a grid per photo, these "
                                                 "image guidance values as rows")
-    sweep_guidance: str | None = _f(None, "e.g. 3,5,7.5: the grid's text guidance columns")
-    device: str | None = _f(None, "cuda, cuda:1, mps or cpu (default: the best available)")
-    dtype: str | None = _f(None, "fp32, fp16 or bf16 (default: bf16 or fp16 on cuda, fp16 on "
+    sweep_guidance: str | None = flag(None, "e.g. 3,5,7.5: the grid's text guidance columns")
+    device: str | None = flag(None, "cuda, cuda:1, mps or cpu (default: the best available)")
+    dtype: str | None = flag(None, "fp32, fp16 or bf16 (default: bf16 or fp16 on cuda, fp16 on "
                                  "mps, fp32 on cpu); see the fp16 note above")
-    enable_model_cpu_offload: bool = _f(False, "keep only the running component on the GPU "
+    enable_model_cpu_offload: bool = flag(False, "keep only the running component on the GPU "
                                                "(small GPUs; slower)")
-    vae_path: str | None = _f(None, "a VAE to use instead (a folder with config.json, or a "
+    vae_path: str | None = flag(None, "a VAE to use instead (a folder with config.json, or a "
                                     "pipeline folder with vae/), e.g. an fp16-safe one")
 
 
@@ -252,21 +255,21 @@ class EvaluateArgs:
     data_dir: str = field(metadata={"help": "held-out pairs, a folder written by "
                                             "convert_to_hf_dataset.py (or a DatasetDict)"})
     output_dir: str = field(metadata={"help": "new folder for metrics, images, plot and grid"})
-    clip_model_name_or_path: str = _f(DEFAULT_CLIP, "CLIP model: a local folder, or a hub id "
+    clip_model_name_or_path: str = flag(DEFAULT_CLIP, "CLIP model: a local folder, or a hub id "
                                                     "already in the Hugging Face cache")
-    split: str | None = _f(None, "split of a DatasetDict (default: validation, else test, else "
+    split: str | None = flag(None, "split of a DatasetDict (default: validation, else test, else "
                                  "train)")
-    max_samples: int | None = _f(None, "evaluate N pairs of the split, drawn at random with "
+    max_samples: int | None = flag(None, "evaluate N pairs of the split, drawn at random with "
                                        "--seed and kept in row order (default: all)")
-    image_guidance_scales: str = _f("1.0,1.2,1.5,1.8,2.2", "image guidance values to sweep")
-    guidance_scale: float = _f(7.5, "text guidance, fixed over the sweep (the "
+    image_guidance_scales: str = flag("1.0,1.2,1.5,1.8,2.2", "image guidance values to sweep")
+    guidance_scale: float = flag(7.5, "text guidance, fixed over the sweep (the "
                                     "InstructPix2Pix paper's evaluation uses 7.5)")
-    num_inference_steps: int = _f(30, "denoising steps")
-    resolution: int | None = _f(None, "long side of the outputs (default: the model's "
+    num_inference_steps: int = flag(30, "denoising steps")
+    resolution: int | None = flag(None, "long side of the outputs (default: the model's "
                                       "training_config.yaml 'resolution', else the UNet's own)")
-    seed: int = _f(0, "noise seed, the same for every sample and setting; also draws the "
+    seed: int = flag(0, "noise seed, the same for every sample and setting; also draws the "
                       "--max_samples subset")
-    grid_samples: int = _f(4, "rows of grid.png (the first N samples)")
-    device: str | None = _f(None, "cuda, cuda:1, mps or cpu (default: the best available)")
-    dtype: str | None = _f(None, "fp32, fp16 or bf16 for the pipeline (CLIP runs in fp32)")
-    overwrite: bool = _f(False, "replace an existing, non-empty --output_dir")
+    grid_samples: int = flag(4, "rows of grid.png (the first N samples)")
+    device: str | None = flag(None, "cuda, cuda:1, mps or cpu (default: the best available)")
+    dtype: str | None = flag(None, "fp32, fp16 or bf16 for the pipeline (CLIP runs in fp32)")
+    overwrite: bool = flag(False, "replace an existing, non-empty --output_dir")

@@ -5,11 +5,9 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from ip2p.cli_args import flag
+
 FORMATS = ("auto", "ip2p", "manifest", "hf")
-
-
-def _f(default, help: str, **kw):
-    return field(default=default, metadata={"help": help, **kw})
 
 
 @dataclass
@@ -20,23 +18,23 @@ class ConvertOptions:
                                             "a dataset id"})
     output_dir: str = field(metadata={"help": "where the dataset is written; must not exist unless "
                                               "--overwrite"})
-    format: str = _f("auto", "source layout (default: detect)", choices=FORMATS)
+    format: str = flag("auto", "source layout (default: detect)", choices=FORMATS)
     # None: the default name or a known alias
-    original_image_column: str | None = _f(None, "source column of the input image (default: "
+    original_image_column: str | None = flag(None, "source column of the input image (default: "
                                                  "input_image or an alias)")
-    edit_prompt_column: str | None = _f(None, "source column of the instruction (default: "
+    edit_prompt_column: str | None = flag(None, "source column of the instruction (default: "
                                               "edit_prompt or an alias)")
-    edited_image_column: str | None = _f(None, "source column of the edited image (default: "
+    edited_image_column: str | None = flag(None, "source column of the edited image (default: "
                                                "edited_image or an alias)")
-    split: str | None = _f(None, "HF DatasetDict split to convert (default: train)")
-    num_proc: int = _f(1, "worker processes that read and check images")
-    max_samples: int | None = _f(None, "convert only the first N records (in a stable order)")
-    overwrite: bool = _f(False, "replace an existing --output_dir once the new one is complete")
+    split: str | None = flag(None, "HF DatasetDict split to convert (default: train)")
+    num_proc: int = flag(1, "worker processes that read and check images")
+    max_samples: int | None = flag(None, "convert only the first N records (in a stable order)")
+    overwrite: bool = flag(False, "replace an existing --output_dir once the new one is complete")
     # > 0: a DatasetDict with train and validation splits
-    val_fraction: float = _f(0.0, "set aside this share of the pairs as a 'validation' split (the "
+    val_fraction: float = flag(0.0, "set aside this share of the pairs as a 'validation' split (the "
                                   "trainer logs its held-out loss); the output is then a DatasetDict "
                                   "with train and validation")
-    val_seed: int = _f(0, "which pairs are held out")
+    val_seed: int = flag(0, "which pairs are held out")
 
     def column_flags(self) -> dict[str, str | None]:
         """Requested source column per output column (None where the user gave no flag)."""

@@ -26,7 +26,6 @@ class TrainState:
 
     global_step: int = 0  # optimizer steps taken
     num_processes: int = 1
-    total_batch_size: int = 0  # samples per optimizer step, all processes together
     epoch: int = 0
     batches_in_epoch: int = 0  # micro-batches each process has consumed in this epoch
     micro_batch: int = 0  # samples per micro-batch, all processes together

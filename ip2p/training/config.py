@@ -15,13 +15,13 @@ import dataclasses
 import difflib
 import functools
 import sys
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal, Optional
 
 import yaml
 
-from ip2p.cli_args import FlagParser
+from ip2p.cli_args import FlagParser, flag
 from ip2p.errors import UserError
 
 SECRET_FIELDS = ("hub_token",)
@@ -29,13 +29,9 @@ RESOLVED_CONFIG_NAME = "training_config.yaml"
 SHARD_SIZE = 256  # samples per latent-cache shard file, unless --latent_cache_shard_size says otherwise
 
 
-def _f(default, help: str, **kw):
-    return field(default=default, metadata={"help": help, **kw})
-
-
 def _section(title: str):
     """The field maker of one --help section; the sections are listed in the order they first appear."""
-    return functools.partial(_f, group=title)
+    return functools.partial(flag, group=title)
 
 
 _model = _section("model")
@@ -53,7 +49,7 @@ _compat = _section("accepted for compatibility")
 @dataclass
 class TrainConfig:
     # --- recipe (kit)
-    config: Optional[str] = _f(None, "(kit) YAML recipe in configs/; command-line flags override it", metavar="FILE")
+    config: Optional[str] = flag(None, "(kit) YAML recipe in configs/; command-line flags override it", metavar="FILE")
 
     pretrained_model_name_or_path: Optional[str] = _model(
         None, "SDXL base model: a local folder in the hub layout or a hub id (required)")

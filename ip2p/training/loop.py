@@ -194,7 +194,7 @@ def build_optimizer(run: Run) -> None:
     # would step it num_processes times: diffusers#8312), so its lengths are optimizer steps.
     run.lr_scheduler = get_scheduler(cfg.lr_scheduler, optimizer=run.optimizer,
                                      num_warmup_steps=cfg.lr_warmup_steps, num_training_steps=run.max_steps)
-    run.state = ckpt.TrainState(0, accelerator.num_processes, run.total_batch_size)
+    run.state = ckpt.TrainState(num_processes=accelerator.num_processes)
     accelerator.register_for_checkpointing(run.lr_scheduler, run.state)
     if run.ema is not None:
         accelerator.register_for_checkpointing(run.ema)
@@ -260,8 +260,7 @@ def start_loop(run: Run) -> None:
     run.nonfinite = NonFiniteGuard(cfg.max_nonfinite_steps or 10**9, device, state.skipped_steps, state.global_step)
     run.compile_clock = CompileClock(cfg.torch_compile and main, cfg.torch_compile_mode)
     run.start = ckpt.resume_position(state, run.micro_batch, len(run.loader))
-    state.num_processes, state.total_batch_size, state.micro_batch = (
-        accelerator.num_processes, run.total_batch_size, run.micro_batch)
+    state.num_processes, state.micro_batch = accelerator.num_processes, run.micro_batch
 
 
 def train_epoch(run: Run, epoch: int, skip: int) -> bool:

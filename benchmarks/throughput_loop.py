@@ -18,10 +18,11 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+from types import SimpleNamespace
 
 import yaml
 
-from ip2p.training.config import parse_config  # throughput.py has put the repository on sys.path
+from ip2p.training.config import optimizer_name, parse_config  # throughput.py has put the repository on sys.path
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -156,9 +157,9 @@ def run_loop(args, cuda: bool, device: str) -> dict:
             "resolution": cfg["resolution"], "train_batch_size": cfg["train_batch_size"],
             "gradient_accumulation_steps": cfg["gradient_accumulation_steps"],
             "mixed_precision": cfg["mixed_precision"],
-            "optimizer": "adamw8bit" if cfg.get("use_8bit_adam") else cfg.get("optimizer", "adamw"),
+            "optimizer": optimizer_name(SimpleNamespace(**cfg)),
             "gradient_checkpointing": cfg["gradient_checkpointing"],
-            "compile": cfg.get("torch_compile_mode", "full") if cfg.get("torch_compile") else "none",
+            "compile": cfg["torch_compile_mode"] if cfg["torch_compile"] else "none",
             "samples_per_s": mean, "samples_per_s_last": last, "first_interval_samples_per_s": rows[0]["samples_per_s"],
             "peak_memory_gib": max(r["peak_memory_gib"] for r in rows), "last_loss": rows[-1]["loss"],
             "wall_s": wall_s, "setup_s": setup_s}

@@ -7,6 +7,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 from conftest import run_in_session
 
@@ -125,6 +126,10 @@ def test_workers_do_not_change_the_losses(tiny_sdxl, tiny_pairs, tmp_path):
     (["--report_to", "comet_ml"], "--report_to comet_ml: the comet_ml package is not installed"),
     (["--report_to", "tensorboard,wandb"], "--report_to wandb: the wandb package is not installed"),
     (["--report_to", "tensorbored"], "'tensorbored' is not a tracker accelerate supports"),
+    (["--use_8bit_adam", "--optimizer", "adamw8bit_torchao"], "name two optimizers; keep one"),
+    (["--optimizer", "adamw8bit_torchao"], "needs torchao: pip install torchao"),  # not installed for the tests
+    pytest.param(["--use_8bit_adam"], "needs a CUDA GPU (bitsandbytes)",
+                 marks=pytest.mark.skipif(torch.cuda.is_available(), reason="8-bit Adam runs where there is CUDA")),
 ])
 def test_bad_input_is_one_line_exit_2_and_nothing_written(tiny_sdxl, tiny_pairs, tmp_path, extra, message, capsys):
     from train_instruct_pix2pix_sdxl import main

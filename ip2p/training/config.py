@@ -250,6 +250,28 @@ def write_resolved(cfg: TrainConfig, folder: str | Path) -> Path:
     return path
 
 
+def optimizer_name(cfg) -> str:
+    """--optimizer, with diffusers' --use_8bit_adam as another name for adamw8bit."""
+    if cfg.use_8bit_adam and cfg.optimizer not in ("adamw", "adamw8bit"):
+        raise UserError(f"--use_8bit_adam and --optimizer {cfg.optimizer} name two optimizers; keep one")
+    return "adamw8bit" if cfg.use_8bit_adam else cfg.optimizer
+
+
+def check_optimizer(cfg: TrainConfig) -> None:
+    """The optimizer's package and device, before anything is written (make_optimizer says the
+    same, later, to callers that skip `validate`)."""
+    import importlib.util
+
+    import torch
+
+    name = optimizer_name(cfg)
+    if name == "adamw8bit" and not torch.cuda.is_available():
+        raise UserError("--use_8bit_adam (--optimizer adamw8bit) needs a CUDA GPU (bitsandbytes); use "
+                        "--optimizer adamw on this machine")
+    if name == "adamw8bit_torchao" and importlib.util.find_spec("torchao") is None:
+        raise UserError("--optimizer adamw8bit_torchao needs torchao: pip install torchao")
+
+
 def validate(cfg: TrainConfig) -> None:
     """Checks that need no file access beyond existence; each failure is one UserError line."""
     if not cfg.pretrained_model_name_or_path:
@@ -276,6 +298,7 @@ def validate(cfg: TrainConfig) -> None:
     from ip2p.training.hub import check_trackers  # imports accelerate: after the cheap checks
 
     check_trackers(cfg.report_to)
+    check_optimizer(cfg)
 
 
 def silent_default_warnings(cfg: TrainConfig) -> list[str]:

@@ -32,6 +32,7 @@ class StopOnSignal:
         self.received: str | None = None
         self._previous = {}
         self._pending = None
+        self._pinned = None  # the reduced flag's host copy, made on first use
         for sig in (signal.SIGTERM, signal.SIGINT):
             self._previous[sig] = signal.signal(sig, self._handle)
 
@@ -54,7 +55,7 @@ class StopOnSignal:
 
     def _host(self):
         """One pinned host buffer for the reduced flag, reused: each is read before the next reduce."""
-        if not hasattr(self, "_pinned"):
+        if self._pinned is None:
             self._pinned = torch.empty(1, pin_memory=torch.cuda.is_available())
         return self._pinned
 

@@ -249,7 +249,6 @@ def start_loop(run: Run) -> None:
     run.objective = Objective(run.parts.noise_scheduler, run.parts.vae.config.scaling_factor,
                               cfg.conditioning_dropout_prob or 0.0)
     run.bar = tqdm(total=run.max_steps, initial=state.global_step, disable=not main, desc="optimizer steps")
-    run.last_grid = None
     run.loss_sum, run.micro_steps, run.t0 = torch.zeros((), device=device), 0, time.perf_counter()
 
     run.stop = StopOnSignal()

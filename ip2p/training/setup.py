@@ -15,7 +15,7 @@ from ip2p.dtypes import DTYPES
 from ip2p.errors import UserError
 from ip2p.method import expand_conv_in
 from ip2p.training.cache import CacheBuild, CachedPairs, LatentCache, build_cache, cache_key
-from ip2p.training.config import TrainConfig
+from ip2p.training.config import TrainConfig, optimizer_name
 from ip2p.training.hub import requested_trackers
 
 
@@ -104,13 +104,6 @@ def shared_cache_key(accelerator, hf_dataset, parts, cfg: TrainConfig, dtype) ->
 
         key = broadcast_object_list([key])[0]
     return key
-
-
-def optimizer_name(cfg) -> str:
-    """--optimizer, with diffusers' --use_8bit_adam as another name for adamw8bit."""
-    if cfg.use_8bit_adam and cfg.optimizer not in ("adamw", "adamw8bit"):
-        raise UserError(f"--use_8bit_adam and --optimizer {cfg.optimizer} name two optimizers; keep one")
-    return "adamw8bit" if cfg.use_8bit_adam else cfg.optimizer
 
 
 def make_optimizer(cfg: TrainConfig, params, lr: float, device):

@@ -22,14 +22,14 @@ after saving a checkpoint of the step in progress (run again with --resume_from_
 
 import sys
 
-from ip2p.training.config import parse_config, validate
+from ip2p.training.config import check_config, parse_config
 from ip2p.errors import cli
 
 
 @cli
 def main(argv=None) -> int:
     cfg = parse_config(argv)
-    validate(cfg)
+    check_config(cfg)
     from ip2p.training.loop import train
 
     return train(cfg)

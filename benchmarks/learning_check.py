@@ -80,11 +80,11 @@ def read_curve(out: Path) -> list[dict]:
 def check_edits(pipeline_dir: Path, data: Path, n: int, seed: int) -> dict:
     """ip2p.tiny.learning.edit_errors on the first `n` held-out pairs, with inference.py's defaults."""
     import datasets
-    from diffusers import StableDiffusionXLInstructPix2PixPipeline
+    from diffusers import DiffusionPipeline
 
     held = datasets.load_from_disk(str(data))["validation"]
     held = held.select(range(min(n, len(held))))
-    pipe = StableDiffusionXLInstructPix2PixPipeline.from_pretrained(pipeline_dir, local_files_only=True)
+    pipe = DiffusionPipeline.from_pretrained(pipeline_dir, local_files_only=True)  # the class its model_index.json names
     pipe.set_progress_bar_config(disable=True)
     return edit_errors(pipe, list(held["input_image"]), list(held["edit_prompt"]),
                        list(held["edited_image"]), Sampling(seed=seed))

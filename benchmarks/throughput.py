@@ -258,17 +258,17 @@ def run_steps(args, names: list[str], cuda: bool) -> None:
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
         parts = load_model_parts(args.tiny, tmp, device)
-        for m in (parts.vae, parts.text_encoder, parts.text_encoder_2):
+        for m in parts.encoders:
             m.requires_grad_(False).eval()
         if dtype != torch.float32:
-            parts.text_encoder.to(dtype)
-            parts.text_encoder_2.to(dtype)
+            for m in parts.text_encoders:
+                m.to(dtype)
         num_samples = args.num_samples or 32
         cfg = parse_config(["--pretrained_model_name_or_path", "random", "--resolution", str(args.resolution),
                             "--data_dir", str(synthetic_pairs(tmp / "data", num_samples, args.resolution)),
                             "--random_flip", "--seed", "0"])
         ds = load_hf_dataset(cfg)
-        pairs = TrainPairs(ds, cfg, (parts.tokenizer, parts.tokenizer_2))
+        pairs = TrainPairs(ds, cfg, parts.tokenizers)
         key, key_parts = cache_key(ds, parts, cfg, dtype)
         cache = LatentCache(tmp / "cache", key, len(ds), orientations=2)
         place_encoders(parts, device)
@@ -282,7 +282,7 @@ def run_steps(args, names: list[str], cuda: bool) -> None:
         pixel_loader, _ = make_dataloader(pairs, args.batch_size, args.loader_workers, 0, pin_memory=cuda,
                                           persistent_workers=True)
         data = {"cache_loader": cache_loader, "pixel_loader": pixel_loader, "dtype": dtype,
-                "encoder": OnTheFlyEncoder(parts.vae, parts.text_encoder, parts.text_encoder_2, args.resolution, dtype),
+                "encoder": OnTheFlyEncoder(parts, args.resolution, dtype),
                 "unet_factory": tiny_unet if args.tiny else (lambda: sdxl_unet(device))}
         # model FLOPs: one plain forward + backward (no checkpointing) on a fresh UNet
         probe = expand_conv_in(data["unet_factory"](), 8).to(device).train()

@@ -1,8 +1,9 @@
-"""The InstructPix2Pix method on SDXL as pure functions (Brooks et al. 2023, "InstructPix2Pix").
+"""The InstructPix2Pix method as pure functions (Brooks et al. 2023, "InstructPix2Pix").
 
 No accelerator, no logging, no global arguments: each function takes tensors and returns tensors,
 so each point of the method is unit-tested on its own. The diffusers example script gets several of
-these wrong; the issue numbers are cited where that matters.
+these wrong; the issue numbers are cited where that matters. What differs between model families
+(the text encoders, SDXL's micro-conditioning, the unconditional text) lives in ip2p/models/.
 """
 
 from __future__ import annotations
@@ -20,23 +21,36 @@ class EncodedBatch:
 
     Both producers (encoding on the fly, reading the latent cache) build this same object.
     Shapes for SDXL at resolution R: latents (B, 4, R/8, R/8), prompt_embeds (B, 77, 2048),
-    pooled_prompt_embeds (B, 1280), time_ids (B, 6).
+    pooled_prompt_embeds (B, 1280), time_ids (B, 6). Families without a pooled embedding or
+    micro-conditioning leave those two None.
     """
 
     edited_latent_mean: torch.Tensor  # VAE posterior mean of the edited image, unscaled
     edited_latent_std: torch.Tensor  # VAE posterior std of the edited image, unscaled
     original_latents: torch.Tensor  # posterior mode of the input image, unscaled (see below)
-    prompt_embeds: torch.Tensor  # penultimate hidden states of both text encoders, concatenated
-    pooled_prompt_embeds: torch.Tensor  # text_encoder_2's projected pooled output
-    time_ids: torch.Tensor  # SDXL micro-conditioning per sample
+    prompt_embeds: torch.Tensor  # the text encoders' hidden states, as the family's pipeline uses them
+    pooled_prompt_embeds: torch.Tensor | None = None  # SDXL: text_encoder_2's projected pooled output
+    time_ids: torch.Tensor | None = None  # SDXL micro-conditioning per sample
 
     def to(self, device=None, dtype=None, non_blocking: bool = False) -> "EncodedBatch":
-        def move(t: torch.Tensor) -> torch.Tensor:
+        def move(t: torch.Tensor | None) -> torch.Tensor | None:
+            if t is None:
+                return None
             # time_ids stay float32: they are integers that fp16 would round above 2048.
             keep = dtype if t is not self.time_ids else None
             return t.to(device=device, dtype=keep, non_blocking=non_blocking)
 
         return EncodedBatch(**{f.name: move(getattr(self, f.name)) for f in fields(self)})
+
+    def tensors(self) -> dict[str, torch.Tensor]:
+        """The fields this family fills, by name."""
+        return {f.name: getattr(self, f.name) for f in fields(self) if getattr(self, f.name) is not None}
+
+    def unet_added_conditioning(self) -> dict | None:
+        """The UNet's `added_cond_kwargs`: SDXL's pooled text and time ids; None for families without."""
+        if self.pooled_prompt_embeds is None:
+            return None
+        return {"text_embeds": self.pooled_prompt_embeds, "time_ids": self.time_ids}
 
     def __len__(self) -> int:
         return self.original_latents.shape[0]
@@ -65,22 +79,6 @@ def expand_conv_in(unet: nn.Module, in_channels: int = 8) -> nn.Module:
     return unet
 
 
-def compute_time_ids(
-    original_sizes: torch.Tensor, crops_top_left: torch.Tensor, target_size: tuple[int, int]
-) -> torch.Tensor:
-    """SDXL micro-conditioning (Podell et al. 2023, 2.2): one row per sample.
-
-    (original h, original w, crop top, crop left, target h, target w), from each image's real size
-    and real crop, so a short last batch has as many rows as samples (the diffusers script fixes
-    the row count at start-up and crashes on it).
-    """
-    n = original_sizes.shape[0]
-    # filled where the sizes are (on the GPU when encoding on the fly): no copy from host memory
-    target = torch.empty((n, 2), dtype=torch.float32, device=original_sizes.device)
-    target[:, 0], target[:, 1] = target_size
-    return torch.cat([original_sizes.float(), crops_top_left.float(), target], dim=1)
-
-
 def conditioning_dropout_masks(r: torch.Tensor, p: float) -> tuple[torch.Tensor, torch.Tensor]:
     """Which samples lose their text and which lose their image (InstructPix2Pix 3.2.1).
 
@@ -93,25 +91,33 @@ def conditioning_dropout_masks(r: torch.Tensor, p: float) -> tuple[torch.Tensor,
 
 
 def apply_conditioning_dropout(
-    batch: EncodedBatch, r: torch.Tensor, p: float
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    batch: EncodedBatch, r: torch.Tensor, p: float, null_text: tuple | None = None
+) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor]:
     """Return (prompt_embeds, pooled_prompt_embeds, original_latents) with conditioning dropped.
 
-    A dropped text becomes zeros for the hidden states AND the pooled embedding: that is the
-    unconditional text the saved pipeline uses at inference (`force_zeros_for_empty_prompt`);
-    the diffusers script trains on the empty prompt's embedding and keeps the pooled one
-    (diffusers#7920). A dropped image becomes a zero latent, as the pipeline's unconditional branch.
+    A dropped text becomes the family's unconditional text, the one its pipeline uses at inference
+    (`ModelFamily.null_text`): zeros for the hidden states and the pooled embedding when
+    `null_text` is None (SDXL), else the given (prompt_embeds, pooled) of one sample, e.g. the
+    empty prompt's embedding. A dropped image becomes a zero latent, as the pipeline's
+    unconditional branch.
     """
+    pooled = batch.pooled_prompt_embeds
     if p <= 0:
-        return batch.prompt_embeds, batch.pooled_prompt_embeds, batch.original_latents
+        return batch.prompt_embeds, pooled, batch.original_latents
     drop_text, drop_image = conditioning_dropout_masks(r, p)
-    keep_text = (~drop_text).to(batch.prompt_embeds.dtype)
     keep_image = (~drop_image).to(batch.original_latents.dtype)
-    return (
-        batch.prompt_embeds * keep_text[:, None, None],
-        batch.pooled_prompt_embeds * keep_text[:, None].to(batch.pooled_prompt_embeds.dtype),
-        batch.original_latents * keep_image[:, None, None, None],
-    )
+    original = batch.original_latents * keep_image[:, None, None, None]
+    if null_text is None:
+        keep_text = (~drop_text).to(batch.prompt_embeds.dtype)
+        embeds = batch.prompt_embeds * keep_text[:, None, None]
+        if pooled is not None:
+            pooled = pooled * keep_text[:, None].to(pooled.dtype)
+        return embeds, pooled, original
+    null_embeds, null_pooled = null_text
+    embeds = torch.where(drop_text[:, None, None], null_embeds.to(batch.prompt_embeds), batch.prompt_embeds)
+    if pooled is not None:
+        pooled = torch.where(drop_text[:, None], null_pooled.to(pooled), pooled)
+    return embeds, pooled, original
 
 
 def sample_edited_latents(

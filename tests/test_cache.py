@@ -1,5 +1,6 @@
 """The latent cache returns exactly what the encoders would, is reused, keyed and resumable."""
 
+import dataclasses
 import json
 from types import SimpleNamespace
 
@@ -24,7 +25,7 @@ def setup(tiny_sdxl, tiny_pairs):
                         "--resolution", "32", "--random_flip", "--seed", "3"])
     parts = load_parts(cfg)
     ds = load_hf_dataset(cfg)
-    pairs = TrainPairs(ds, cfg, (parts.tokenizer, parts.tokenizer_2))
+    pairs = TrainPairs(ds, cfg, parts.tokenizers)
     return cfg, parts, ds, pairs
 
 
@@ -41,7 +42,7 @@ def test_cached_rows_are_what_the_encoders_give_in_both_orientations(tmp_path, s
     cfg, parts, ds, pairs = setup
     cache = build(tmp_path, setup)
     assert cache.is_complete() and cache.num_shards == 3
-    encoder = OnTheFlyEncoder(parts.vae, parts.text_encoder, parts.text_encoder_2, cfg.resolution, torch.float32)
+    encoder = OnTheFlyEncoder(parts, cfg.resolution, torch.float32)
     reader = CachedPairs(cache, pairs.transform)
     seen_flips = set()
     for epoch in (0, 1):
@@ -109,18 +110,19 @@ def test_the_key_covers_every_weight_the_compute_dtypes_and_the_tokenizers(setup
     key = cache_key(ds, parts, cfg, torch.float32)[0]
 
     def key_with(**changed):
-        return cache_key(ds, SimpleNamespace(**{**parts.__dict__, **changed}), cfg, torch.float32)[0]
+        return cache_key(ds, dataclasses.replace(parts, **changed), cfg, torch.float32)[0]
 
-    te = copy.deepcopy(parts.text_encoder)
+    (text_encoder, text_encoder_2), (tokenizer, tokenizer_2) = parts.text_encoders, parts.tokenizers
+    te = copy.deepcopy(text_encoder)
     middle = list(te.state_dict())[len(te.state_dict()) // 2]
     with torch.no_grad():
         te.state_dict()[middle].add_(1e-3)
-    assert key_with(text_encoder=te) != key
+    assert key_with(text_encoders=(te, text_encoder_2)) != key
     assert key_with(vae=copy.deepcopy(parts.vae).to(torch.float16)) != key
-    assert key_with(text_encoder_2=copy.deepcopy(parts.text_encoder_2).to(torch.bfloat16)) != key
-    tok = copy.deepcopy(parts.tokenizer)
+    assert key_with(text_encoders=(text_encoder, copy.deepcopy(text_encoder_2).to(torch.bfloat16))) != key
+    tok = copy.deepcopy(tokenizer)
     tok.model_max_length = 33
-    assert key_with(tokenizer=tok) != key
+    assert key_with(tokenizers=(tok, tokenizer_2)) != key
     assert key_with(vae=copy.deepcopy(parts.vae)) == key  # a copy of the same weights is the same
 
 

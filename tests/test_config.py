@@ -3,7 +3,7 @@
 import pytest
 import yaml
 
-from ip2p.training.config import RESOLVED_CONFIG_NAME, parse_config, validate, write_resolved
+from ip2p.training.config import RESOLVED_CONFIG_NAME, check_config, parse_config, write_resolved
 from ip2p.errors import UserError
 
 # Every flag of diffusers' examples/instruct_pix2pix/train_instruct_pix2pix_sdxl.py.
@@ -84,7 +84,7 @@ def test_resolved_config_has_no_secrets(tmp_path):
 ])
 def test_bad_flag_values_are_user_errors(argv, message):
     with pytest.raises(UserError, match=message):
-        validate(parse_config(argv))
+        check_config(parse_config(argv))
 
 
 def test_push_to_hub_uploads_the_pipeline_but_no_checkpoint_log_or_cache(tmp_path):

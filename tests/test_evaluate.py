@@ -246,7 +246,7 @@ def test_bad_inputs_exit_2_with_one_line_and_write_nothing(model, clip, good_dat
     capsys.readouterr()
     cases = [
         ((tmp_path / "nope", d, c), ["model folder not found"]),
-        ((base, d, c), ["without an SDXL UNet"]),
+        ((base, d, c), ["without the components of a supported InstructPix2Pix pipeline"]),
         ((m, tmp_path / "nope", c), ["--data_dir", "does not exist"]),
         ((m, tmp_path, c), ["is not a dataset saved by convert_to_hf_dataset.py"]),
         ((m, no_columns, c), ["input_image, edit_prompt, edited_image",

@@ -7,15 +7,15 @@ import torch
 from PIL import Image
 
 from ip2p.training.pairs import resize_and_crop
-from ip2p.training.encode import encode_images, encode_text
+from ip2p.training.encode import encode_images
 from ip2p.method import (
     EncodedBatch,
     apply_conditioning_dropout,
-    compute_time_ids,
     conditioning_dropout_masks,
     expand_conv_in,
     sample_edited_latents,
 )
+from ip2p.models.sdxl import compute_time_ids
 
 
 @pytest.fixture(scope="module")
@@ -54,15 +54,16 @@ def test_text_comes_from_both_encoders_as_the_pipeline_computes_it(parts):
     from ip2p.training.pairs import tokenize
 
     prompts = ["make it red", "turn the sky into sunset"]
-    embeds, pooled = encode_text(parts.text_encoder, parts.text_encoder_2,
-                                 tokenize(parts.tokenizer, prompts), tokenize(parts.tokenizer_2, prompts))
-    pipe = StableDiffusionXLPipeline(vae=parts.vae, text_encoder=parts.text_encoder,
-                                     text_encoder_2=parts.text_encoder_2, tokenizer=parts.tokenizer,
-                                     tokenizer_2=parts.tokenizer_2, unet=parts.unet, scheduler=parts.noise_scheduler)
+    (tokenizer, tokenizer_2), (text_encoder, text_encoder_2) = parts.tokenizers, parts.text_encoders
+    embeds, pooled = parts.family.encode_prompt(parts.text_encoders,
+                                                [tokenize(tokenizer, prompts), tokenize(tokenizer_2, prompts)])
+    pipe = StableDiffusionXLPipeline(vae=parts.vae, text_encoder=text_encoder, text_encoder_2=text_encoder_2,
+                                     tokenizer=tokenizer, tokenizer_2=tokenizer_2, unet=parts.unet,
+                                     scheduler=parts.noise_scheduler)
     ref_embeds, _, ref_pooled, _ = pipe.encode_prompt(prompts, do_classifier_free_guidance=False)
-    width = parts.text_encoder.config.hidden_size + parts.text_encoder_2.config.hidden_size
+    width = text_encoder.config.hidden_size + text_encoder_2.config.hidden_size
     assert embeds.shape == (2, 77, width)
-    assert pooled.shape == (2, parts.text_encoder_2.config.projection_dim)
+    assert pooled.shape == (2, text_encoder_2.config.projection_dim)
     torch.testing.assert_close(embeds, ref_embeds)
     torch.testing.assert_close(pooled, ref_pooled)
 

@@ -6,7 +6,7 @@
       hf_source.py      save_to_disk folders, parquet files, load_dataset (offline)
       columns.py        source column -> input_image / edit_prompt / edited_image; extras' types
     per shard (worker processes)
-      shards.py         read records, validate them (validate.py: full decode),
+      shards.py         read records, check them (record_check.py: full decode),
                         stream Arrow batches + a rejected part file
     end
       output.py         temp folder beside the output, datasets metadata, one rename

@@ -31,7 +31,7 @@ from ip2p.convert.records import (
     ImageRef,
     Record,
 )
-from ip2p.convert.validate import ZIP_READ_ERRORS, ZipCache
+from ip2p.convert.record_check import ZIP_READ_ERRORS, ZipCache
 from ip2p.errors import UserError
 
 SEED_FILE = re.compile(r"^(\d+)_([01])\.(jpe?g|png|webp)$", re.IGNORECASE)

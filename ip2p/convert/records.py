@@ -2,7 +2,7 @@
 
 A record is one candidate (input image, instruction, edited image) triple. The readers never open
 images; they only say where the bytes live (`ImageRef`). Validation happens later, in the worker
-process that writes the record's shard (`ip2p.convert.validate`).
+process that writes the record's shard (`ip2p.convert.record_check`).
 """
 
 from __future__ import annotations

@@ -1,6 +1,6 @@
 """One shard of the work, run in a worker process (or in-process with --num_proc 1).
 
-A shard reads its records, validates each one (full image decode) and streams the good ones into
+A shard reads its records, checks each one (full image decode) and streams the good ones into
 its own Arrow file in small record batches; the rejected ones go, one JSON line each, into its own
 rejected part file. Memory per worker is one batch (at most FLUSH_ROWS rows or FLUSH_BYTES of
 image bytes), whatever the size of the input.
@@ -18,7 +18,7 @@ import pyarrow as pa
 
 from ip2p.convert import hf_source, ip2p_folders, manifest
 from ip2p.convert.records import Record, Rejection
-from ip2p.convert.validate import ZipCache, check_record
+from ip2p.convert.record_check import ZipCache, check_record
 from ip2p.fingerprint import row_digest
 
 READERS = {

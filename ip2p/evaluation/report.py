@@ -31,10 +31,10 @@ def results_per_setting(rows: list[dict], scales: list[float]) -> list[dict]:
     """Mean of every metric per image-guidance value, with how many samples each mean covers."""
     results = []
     for igs in scales:
-        mine = [r for r in rows if r["image_guidance_scale"] == igs]
-        counts = {m: sum(r[m] is not None for r in mine) for m in METRICS}
-        results.append({"image_guidance_scale": igs, "num_samples": len(mine),
-                        **summarize(mine, list(METRICS)), "counts": counts})
+        rows_at_scale = [r for r in rows if r["image_guidance_scale"] == igs]
+        counts = {m: sum(r[m] is not None for r in rows_at_scale) for m in METRICS}
+        results.append({"image_guidance_scale": igs, "num_samples": len(rows_at_scale),
+                        **summarize(rows_at_scale, list(METRICS)), "counts": counts})
     return results
 
 

@@ -1,4 +1,4 @@
-"""Stage 4: edit photos with a trained SDXL InstructPix2Pix pipeline folder.
+"""Stage 4: edit photos with a trained InstructPix2Pix pipeline folder.
 
 The order is fixed so that a user error never leaves anything behind:
 plan the jobs (flags, inputs, output names) -> check every input photo -> check the model folder's
@@ -24,6 +24,7 @@ from ip2p.dtypes import DTYPES, INFERENCE_DTYPES
 from ip2p.errors import UserError
 from ip2p.grid import make_grid
 from ip2p.images import open_rgb
+from ip2p.models import FAMILIES, ModelFamily, pipeline_family
 
 TRAINING_CONFIG = "training_config.yaml"
 SAVE_OPTIONS = {"JPEG": {"quality": 95}, "WEBP": {"quality": 95}}  # PIL's default 75 shows blocks
@@ -43,6 +44,7 @@ class ModelInfo:
     """What the model folder's configs say, read before any weight is loaded."""
 
     path: Path
+    family: ModelFamily
     vae_scale_factor: int
     size_multiple: int  # the output's sides must be multiples of this
     native_resolution: int  # UNet sample_size * vae_scale_factor
@@ -214,14 +216,16 @@ def vae_config_path(vae_path: Path) -> Path:
 
 
 def inspect_model(model_path: Path, vae_path: Path | None = None) -> ModelInfo:
-    """Check the folder is an SDXL InstructPix2Pix pipeline from its JSON configs alone."""
+    """Check the folder is an InstructPix2Pix pipeline of a supported family from its JSON configs alone."""
     if not model_path.is_dir():
         raise UserError(f"model folder not found: {model_path}")
     index = read_json(model_path / "model_index.json", "--model_path must be a diffusers "
                       "pipeline folder (the trainer's final --output_dir)")
-    if "text_encoder_2" not in index or "unet" not in index:
-        raise UserError(f"{model_path} holds a {index.get('_class_name', 'pipeline')} without an "
-                        "SDXL UNet and two text encoders; expected SDXL InstructPix2Pix")
+    family = pipeline_family(index)
+    if family is None:
+        supported = "; ".join(f"{f.label}: {', '.join(f.folders)}" for f in FAMILIES.values())
+        raise UserError(f"{model_path} holds a {index.get('_class_name', 'pipeline')} without the components of "
+                        f"a supported InstructPix2Pix pipeline ({supported})")
     unet_json = model_path / "unet" / "config.json"
     unet = read_json(unet_json, "the pipeline has no UNet config")
     channels = unet.get("in_channels")
@@ -235,7 +239,7 @@ def inspect_model(model_path: Path, vae_path: Path | None = None) -> ModelInfo:
     vae = read_json(vae_json, "the pipeline has no VAE config")
     scale = 2 ** (len(vae.get("block_out_channels", [0] * 4)) - 1)
     return ModelInfo(
-        path=model_path, vae_scale_factor=scale,
+        path=model_path, family=family, vae_scale_factor=scale,
         size_multiple=scale * 2 ** (len(unet["down_block_types"]) - 1),
         native_resolution=unet["sample_size"] * scale,
         trained_resolution=read_trained_resolution(model_path),
@@ -271,8 +275,9 @@ def pick_device(device: str | None, dtype: str | None) -> tuple[torch.device, to
 
 def load_pipeline(info: ModelInfo, device: torch.device, dtype: torch.dtype,
                   vae_path: Path | None = None, cpu_offload: bool = False):
-    """StableDiffusionXLInstructPix2PixPipeline from local files only, on `device` in `dtype`."""
-    from diffusers import AutoencoderKL, StableDiffusionXLInstructPix2PixPipeline
+    """The family's InstructPix2Pix pipeline from local files only, on `device` in `dtype`."""
+    import diffusers
+    from diffusers import AutoencoderKL
 
     if cpu_offload and device.type != "cuda":
         raise UserError(f"--enable_model_cpu_offload needs a CUDA GPU; the device is {device}")
@@ -281,7 +286,7 @@ def load_pipeline(info: ModelInfo, device: torch.device, dtype: torch.dtype,
         folder = vae_config_path(vae_path).parent
         extra["vae"] = AutoencoderKL.from_pretrained(folder, dtype=dtype, local_files_only=True)
     try:
-        pipe = StableDiffusionXLInstructPix2PixPipeline.from_pretrained(
+        pipe = getattr(diffusers, info.family.pipeline_class).from_pretrained(
             info.path, dtype=dtype, local_files_only=True, **extra)
     except OSError as e:  # missing weight files and the like
         raise UserError(f"could not load the pipeline in {info.path}: {str(e).splitlines()[0]}") \

@@ -199,7 +199,7 @@ def denoised_errors(unet, batch, noise_scheduler, scaling_factor: float,
                "copy_prior": mse(copy_prior_estimate(noisy, photo, a, var), z)}
         for name, v in conditioning_variants(batch).items():
             eps = unet(torch.cat([noisy, v.original_latents], 1), tt, v.prompt_embeds,
-                       added_cond_kwargs={"text_embeds": v.pooled_prompt_embeds, "time_ids": v.time_ids},
+                       added_cond_kwargs=v.unet_added_conditioning(),
                        return_dict=False)[0]
             row[name.replace("val_loss", "model")] = mse((noisy - (1 - a) ** 0.5 * eps) / a ** 0.5, z)
         rows[str(t)] = {k: round(v, 5) for k, v in row.items()}

@@ -18,7 +18,7 @@ from pathlib import Path
 import torch
 
 from ip2p.errors import UserError, cli
-from ip2p.models import SDXLParts
+from ip2p.models import FAMILIES, ModelParts
 
 
 def sdxl_unet(device="cpu"):
@@ -60,7 +60,7 @@ def sdxl_text_encoders(device="cpu"):
         return CLIPTextModel(clip_l), CLIPTextModelWithProjection(big_g)
 
 
-def sdxl_parts(device="cpu", with_unet: bool = True) -> SDXLParts:
+def sdxl_parts(device="cpu", with_unet: bool = True) -> ModelParts:
     """All parts built on `device` (random init of 3.5 B parameters takes minutes on a CPU, seconds
     on a GPU); `with_unet=False` leaves the UNet out (None) for callers that make their own."""
     from diffusers import DDPMScheduler
@@ -70,8 +70,8 @@ def sdxl_parts(device="cpu", with_unet: bool = True) -> SDXLParts:
     te, te2 = sdxl_text_encoders(device)
     scheduler = DDPMScheduler(num_train_timesteps=1000, beta_start=0.00085, beta_end=0.012,
                               beta_schedule="scaled_linear", prediction_type="epsilon")
-    return SDXLParts(make_tokenizer("<|endoftext|>"), make_tokenizer("!"), te, te2, sdxl_vae(device),
-                     sdxl_unet(device) if with_unet else None, scheduler)
+    return ModelParts(FAMILIES["sdxl"], (make_tokenizer("<|endoftext|>"), make_tokenizer("!")), (te, te2),
+                      sdxl_vae(device), sdxl_unet(device) if with_unet else None, scheduler)
 
 
 def save_sdxl(output_dir: str | Path, device="cpu", dtype: torch.dtype = torch.float32, seed: int = 0) -> Path:

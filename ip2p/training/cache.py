@@ -2,7 +2,8 @@
 
 Per sample it stores what the training step consumes: the input photo's latent (posterior mode,
 unscaled), the edited photo's posterior mean and std (so a fresh latent is still sampled every
-step), the prompt's hidden states and pooled embedding, and the size/crop ids. With
+step), the prompt's hidden states, and where the family has them (SDXL) the pooled embedding
+and the size/crop ids. With
 `--random_flip` both orientations are encoded (the VAE is not flip-equivariant, so a flipped
 latent cannot be derived from the unflipped one); each epoch picks one as encoding on the fly
 would.
@@ -28,13 +29,14 @@ from safetensors.torch import save_file
 from tqdm.auto import tqdm
 
 from ip2p.fingerprint import dataset_fingerprint, module_fingerprint, tokenizer_fingerprint
-from ip2p.method import EncodedBatch, compute_time_ids
+from ip2p.method import EncodedBatch
 from ip2p.training.config import SHARD_SIZE
-from ip2p.training.encode import encode_images, encode_text
+from ip2p.training.encode import encode_images, prompt_token_ids
 from ip2p.training.pairs import TrainPairs, flip_decision
 
+# EncodedBatch fields stored per orientation (the rest once per sample); a family that has no
+# pooled embedding or time ids (None) simply stores fewer tensors
 PER_VIEW = ("original_latents", "edited_latent_mean", "edited_latent_std", "time_ids")
-PER_SAMPLE = ("prompt_embeds", "pooled_prompt_embeds")
 FORMAT_VERSION = 3  # 3: content fingerprints of the data, all weights, dtypes and tokenizers
 
 
@@ -51,14 +53,11 @@ def cache_key(hf_dataset, parts, cfg, dtype: torch.dtype, log=print) -> tuple[st
     columns = (cfg.original_image_column, cfg.edit_prompt_column, cfg.edited_image_column)
     parts_of_key = {
         "format": FORMAT_VERSION,
+        "family": parts.family.name,
         "dataset": dataset_fingerprint(hf_dataset, columns, log),
         "num_samples": len(hf_dataset),
         "columns": [cfg.original_image_column, cfg.edited_image_column, cfg.edit_prompt_column],
         "vae": module_identity(parts.vae),
-        "text_encoder": module_identity(parts.text_encoder),
-        "text_encoder_2": module_identity(parts.text_encoder_2),
-        "tokenizer": tokenizer_fingerprint(parts.tokenizer),
-        "tokenizer_2": tokenizer_fingerprint(parts.tokenizer_2),
         "resolution": cfg.resolution,
         "center_crop": cfg.center_crop,
         "crop_seed": None if cfg.center_crop else (cfg.seed or 0),
@@ -66,6 +65,10 @@ def cache_key(hf_dataset, parts, cfg, dtype: torch.dtype, log=print) -> tuple[st
         "dtype": str(dtype),
         "shard_size": cfg.latent_cache_shard_size or SHARD_SIZE,
     }
+    for (tokenizer_folder, encoder_folder), tokenizer, encoder in zip(
+            parts.family.text_folders, parts.tokenizers, parts.text_encoders):
+        parts_of_key[encoder_folder] = module_identity(encoder)
+        parts_of_key[tokenizer_folder] = tokenizer_fingerprint(tokenizer)
     blob = json.dumps(parts_of_key, sort_keys=True).encode()
     return hashlib.sha256(blob).hexdigest()[:20], parts_of_key
 
@@ -113,8 +116,7 @@ class _CacheSource(torch.utils.data.Dataset):
 def _collate_views(samples: list[dict]) -> dict:
     views = [{k: torch.stack([s["views"][v][k] for s in samples]) for k in samples[0]["views"][0]}
              for v in range(len(samples[0]["views"]))]
-    return {"views": views, **{k: torch.stack([s[k] for s in samples]) for k in ("input_ids", "input_ids_2",
-                                                                               "replaced")}}
+    return {"views": views, **{k: torch.stack([s[k] for s in samples]) for k in samples[0] if k != "views"}}
 
 
 @dataclass(frozen=True)
@@ -122,7 +124,7 @@ class CacheBuild:
     """How the cache is filled: by which encoders, at which resolution and storage dtype, in which
     batches and with how many DataLoader workers."""
 
-    parts: object  # ip2p.models.SDXLParts, the encoders placed on the device
+    parts: object  # ip2p.models.ModelParts, the encoders placed on the device
     resolution: int
     dtype: torch.dtype
     batch_size: int
@@ -133,21 +135,25 @@ class CacheBuild:
 def encode_shard(cache: LatentCache, i: int, pairs: TrainPairs, how: CacheBuild, device) -> None:
     source = _CacheSource(pairs, list(cache.shard_indices(i)), cache.orientations)
     parts, dtype, resolution = how.parts, how.dtype, how.resolution
+    family = parts.family
     # its own generator: iterating a DataLoader draws a seed, which must not move the training noise
     loader = torch.utils.data.DataLoader(source, batch_size=how.batch_size, num_workers=how.num_workers,
                                          collate_fn=_collate_views, generator=torch.Generator())
     out: dict[str, list[torch.Tensor]] = {}
     for batch in loader:
-        embeds, pooled = encode_text(parts.text_encoder, parts.text_encoder_2,
-                                     batch["input_ids"].to(device), batch["input_ids_2"].to(device))
+        embeds, pooled = family.encode_prompt(parts.text_encoders, prompt_token_ids(parts, batch, device))
         out.setdefault("prompt_embeds", []).append(embeds.to(dtype).cpu())
-        out.setdefault("pooled_prompt_embeds", []).append(pooled.to(dtype).cpu())
+        if pooled is not None:
+            out.setdefault("pooled_prompt_embeds", []).append(pooled.to(dtype).cpu())
         out.setdefault("replaced", []).append(batch["replaced"])
         for v, view in enumerate(batch["views"]):
             mean, std, mode = encode_images(parts.vae, view["original_pixel_values"].to(device),
                                             view["edited_pixel_values"].to(device))
-            time_ids = compute_time_ids(view["original_size"], view["crop_top_left"], (resolution, resolution))
+            time_ids = family.micro_conditioning(view["original_size"], view["crop_top_left"],
+                                                 (resolution, resolution))
             for name, t in zip(PER_VIEW, (mode, mean, std, time_ids)):
+                if t is None:
+                    continue
                 t = t.float() if name == "time_ids" else t.to(dtype)
                 out.setdefault(f"{name}/{v}", []).append(t.cpu())
     tensors = {k: torch.cat(v).contiguous() for k, v in out.items()}
@@ -163,8 +169,8 @@ def build_cache(accelerator, cache: LatentCache, pairs: TrainPairs, how: CacheBu
         cache.dir.mkdir(parents=True, exist_ok=True)
         (cache.dir / "key.json").write_text(json.dumps(key_parts, indent=1, sort_keys=True))
     accelerator.wait_for_everyone()
-    mine = [i for i in cache.missing_shards() if i % accelerator.num_processes == accelerator.process_index]
-    bar = tqdm(mine, desc="latent cache (this process's shards)", disable=not accelerator.is_main_process)
+    my_shards = [i for i in cache.missing_shards() if i % accelerator.num_processes == accelerator.process_index]
+    bar = tqdm(my_shards, desc="latent cache (this process's shards)", disable=not accelerator.is_main_process)
     for i in bar:
         encode_shard(cache, i, pairs, how, accelerator.device)
     accelerator.wait_for_everyone()
@@ -200,17 +206,20 @@ class CachedPairs(torch.utils.data.Dataset):
         return {**self.__dict__, "_files": {}}
 
     def _file(self, shard: int):
+        """The open shard and its tensors by (field, orientation): ("prompt_embeds", "") for
+        per-sample ones, ("time_ids", "1") for "time_ids/1"; only what this family stores."""
         if shard not in self._files:
-            self._files[shard] = safe_open(str(self.cache.shard_path(shard)), framework="pt")
+            f = safe_open(str(self.cache.shard_path(shard)), framework="pt")
+            stored = {tuple(k.partition("/")[::2]): k for k in f.keys()}
+            self._files[shard] = f, {key: k for key, k in stored.items()
+                                     if key[0] in EncodedBatch.__dataclass_fields__}
         return self._files[shard]
 
     def __getitem__(self, index: int) -> dict:
         shard, row = divmod(int(index), self.cache.shard_size)
-        f = self._file(shard)
-        v = int(flip_decision(self.transform, self.epoch, index))
-        sample = {name: f.get_slice(name)[row] for name in PER_SAMPLE}
-        sample.update({name: f.get_slice(f"{name}/{v}")[row] for name in PER_VIEW})
-        return sample
+        f, stored = self._file(shard)
+        view = str(int(flip_decision(self.transform, self.epoch, index)))
+        return {name: f.get_slice(key)[row] for (name, v), key in stored.items() if v in ("", view)}
 
 
 def cached_batch(batch: dict, device, dtype: torch.dtype) -> EncodedBatch:

@@ -259,7 +259,7 @@ def optimizer_name(cfg) -> str:
 
 def check_optimizer(cfg: TrainConfig) -> None:
     """The optimizer's package and device, before anything is written (make_optimizer says the
-    same, later, to callers that skip `validate`)."""
+    same, later, to callers that skip `check_config`)."""
     import importlib.util
 
     import torch
@@ -272,7 +272,7 @@ def check_optimizer(cfg: TrainConfig) -> None:
         raise UserError("--optimizer adamw8bit_torchao needs torchao: pip install torchao")
 
 
-def validate(cfg: TrainConfig) -> None:
+def check_config(cfg: TrainConfig) -> None:
     """Checks that need no file access beyond existence; each failure is one UserError line."""
     if not cfg.pretrained_model_name_or_path:
         raise UserError("--pretrained_model_name_or_path is required (the SDXL base model folder or hub id)")

@@ -1,27 +1,20 @@
 """Encoding on the fly: pixels and token ids -> an EncodedBatch (the training step's only input).
 
-The frozen VAE and both text encoders run here, batched, without gradients. The latent cache is
-the other producer of the same EncodedBatch.
+The frozen VAE and the family's text encoders run here, batched, without gradients. The latent
+cache is the other producer of the same EncodedBatch.
 """
 
 from __future__ import annotations
 
 import torch
 
-from ip2p.method import EncodedBatch, compute_time_ids
+from ip2p.method import EncodedBatch
+from ip2p.models import ModelParts, token_key
 
 
-@torch.no_grad()
-def encode_text(text_encoder, text_encoder_2, input_ids, input_ids_2):
-    """SDXL's two-encoder text conditioning, as the SDXL pipelines compute it.
-
-    prompt_embeds: penultimate hidden states of CLIP-L and OpenCLIP-bigG concatenated (B, 77, 2048);
-    pooled: text_encoder_2's projected pooled output (B, 1280).
-    """
-    out = text_encoder(input_ids, output_hidden_states=True)
-    out_2 = text_encoder_2(input_ids_2, output_hidden_states=True)
-    prompt_embeds = torch.cat([out.hidden_states[-2], out_2.hidden_states[-2]], dim=-1)
-    return prompt_embeds, out_2.text_embeds
+def prompt_token_ids(parts: ModelParts, batch: dict, device) -> list[torch.Tensor]:
+    """Each text encoder's token ids from a collated batch, on `device`."""
+    return [batch[token_key(i)].to(device, non_blocking=True) for i in range(len(parts.text_encoders))]
 
 
 @torch.no_grad()
@@ -29,7 +22,7 @@ def encode_images(vae, original: torch.Tensor, edited: torch.Tensor):
     """One VAE pass over both images.
 
     Returns the edited image's posterior (mean, std), which the step samples from, and the input
-    image's posterior mode, unscaled: the SDXL InstructPix2Pix pipeline conditions on
+    image's posterior mode, unscaled: the InstructPix2Pix pipelines (SD and SDXL) condition on
     `latent_dist.mode()` without the scaling factor, so training must too (the diffusers script
     samples it instead, a train/inference mismatch).
     """
@@ -42,20 +35,19 @@ def encode_images(vae, original: torch.Tensor, edited: torch.Tensor):
 class OnTheFlyEncoder:
     """Produces EncodedBatch from a DataLoader batch by running the frozen encoders."""
 
-    def __init__(self, vae, text_encoder, text_encoder_2, resolution: int, dtype: torch.dtype):
-        self.vae, self.text_encoder, self.text_encoder_2 = vae, text_encoder, text_encoder_2
+    def __init__(self, parts: ModelParts, resolution: int, dtype: torch.dtype):
+        self.parts = parts
         self.resolution = resolution
         self.dtype = dtype  # the training precision: what the cache stores too
 
     def __call__(self, batch: dict, device) -> EncodedBatch:
-        def dev(t):
-            return t.to(device, non_blocking=True)
-
+        parts = self.parts
         mean, std, original = encode_images(
-            self.vae, dev(batch["original_pixel_values"]), dev(batch["edited_pixel_values"]))
-        prompt_embeds, pooled = encode_text(
-            self.text_encoder, self.text_encoder_2, dev(batch["input_ids"]), dev(batch["input_ids_2"]))
-        time_ids = compute_time_ids(batch["original_size"], batch["crop_top_left"],
-                                    (self.resolution, self.resolution))
+            parts.vae, batch["original_pixel_values"].to(device, non_blocking=True),
+            batch["edited_pixel_values"].to(device, non_blocking=True))
+        prompt_embeds, pooled = parts.family.encode_prompt(parts.text_encoders,
+                                                           prompt_token_ids(parts, batch, device))
+        time_ids = parts.family.micro_conditioning(batch["original_size"], batch["crop_top_left"],
+                                                   (self.resolution, self.resolution))
         encoded = EncodedBatch(mean, std, original, prompt_embeds, pooled, time_ids)
         return encoded.to(device=device, dtype=self.dtype)

@@ -33,12 +33,12 @@ def encode_heldout(pairs, encoder: OnTheFlyEncoder, num_timesteps: int, batch_si
     """Encode every sample of `pairs` (a TrainPairs over the held-out split, centre crops)."""
     from ip2p.training.pairs import collate
 
-    parts = []
+    chunks = []
     for start in range(0, len(pairs), batch_size):
         samples = [pairs[i] for i in range(start, min(start + batch_size, len(pairs)))]
-        parts.append(encoder(collate(samples), encoder.vae.device).to(device="cpu"))
-    batch = EncodedBatch(**{name: torch.cat([getattr(p, name) for p in parts])
-                            for name in EncodedBatch.__dataclass_fields__})
+        chunks.append(encoder(collate(samples), encoder.parts.vae.device).to(device="cpu"))
+    batch = EncodedBatch(**{name: torch.cat([chunk.tensors()[name] for chunk in chunks])
+                            for name in chunks[0].tensors()})
     n = len(batch)
     g = torch.Generator().manual_seed(HELDOUT_SEED)
     eps = torch.randn(batch.edited_latent_mean.shape, generator=g)
@@ -49,9 +49,9 @@ def encode_heldout(pairs, encoder: OnTheFlyEncoder, num_timesteps: int, batch_si
 
 def conditioning_variants(batch: EncodedBatch) -> dict[str, EncodedBatch]:
     """The right instruction; another sample's instruction (a roll by one); no input photo."""
-    rolled = EncodedBatch(**{**batch.__dict__, "prompt_embeds": batch.prompt_embeds.roll(1, 0),
-                             "pooled_prompt_embeds": batch.pooled_prompt_embeds.roll(1, 0)})
-    no_image = EncodedBatch(**{**batch.__dict__, "original_latents": torch.zeros_like(batch.original_latents)})
+    text = ("prompt_embeds", "pooled_prompt_embeds")
+    rolled = EncodedBatch(**{**batch.tensors(), **{k: v.roll(1, 0) for k, v in batch.tensors().items() if k in text}})
+    no_image = EncodedBatch(**{**batch.tensors(), "original_latents": torch.zeros_like(batch.original_latents)})
     return {"val_loss": batch, "val_loss_wrong_instruction": rolled, "val_loss_no_image": no_image}
 
 
@@ -68,7 +68,7 @@ def heldout_losses(unet, heldout: HeldOut, noise_scheduler, scaling_factor: floa
         total, n = 0.0, len(variant)
         for start in range(0, n, batch_size):
             sl = slice(start, min(start + batch_size, n))
-            b = EncodedBatch(**{k: v[sl] for k, v in variant.__dict__.items()}).to(device=device, dtype=dtype)
+            b = EncodedBatch(**{k: v[sl] for k, v in variant.tensors().items()}).to(device=device, dtype=dtype)
             # the forward process in fp32, as in training (ip2p.training.step.denoising_loss)
             latents = sample_edited_latents(b.edited_latent_mean.float(), b.edited_latent_std.float(),
                                             heldout.eps[sl].to(device), scaling_factor)

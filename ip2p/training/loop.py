@@ -23,7 +23,7 @@ import torch
 from tqdm.auto import tqdm
 
 from ip2p.errors import UserError
-from ip2p.models import load_parts, vae_scale_factor
+from ip2p.models import instruct_pix2pix_pipeline, load_parts, vae_scale_factor
 from ip2p.training import checkpoint as ckpt
 from ip2p.training.cache import cached_batch
 from ip2p.training.config import TrainConfig, silent_default_warnings, to_dict, write_resolved
@@ -88,7 +88,7 @@ class Run:
     num_pairs: int = 0
     parts: Any = None
     train_set: Any = None
-    produce: Any = None
+    encode_batch: Any = None  # a DataLoader batch -> EncodedBatch: the cache reader or the encoders
     heldout: Any = None
     loader: Any = None
     sampler: Any = None
@@ -156,15 +156,14 @@ def load_inputs(run: Run) -> None:
     run.num_pairs = len(hf_dataset)
     run.parts = parts = load_parts(cfg)
     prepare_models(parts, cfg, device, weight_dtype)
-    pairs = TrainPairs(hf_dataset, cfg, (parts.tokenizer, parts.tokenizer_2))
+    pairs = TrainPairs(hf_dataset, cfg, parts.tokenizers)
     if cfg.cache_latents:
         run.train_set = open_cache(accelerator, cfg, hf_dataset, parts, pairs, weight_dtype)
-        run.produce = functools.partial(cached_batch, dtype=weight_dtype)
+        run.encode_batch = functools.partial(cached_batch, dtype=weight_dtype)
     else:
         place_encoders(parts, device)
         run.train_set = pairs
-        run.produce = OnTheFlyEncoder(parts.vae, parts.text_encoder, parts.text_encoder_2, cfg.resolution,
-                                      weight_dtype)
+        run.encode_batch = OnTheFlyEncoder(parts, cfg.resolution, weight_dtype)
     run.heldout = encode_heldout_split(cfg, parts, heldout_dataset, device, weight_dtype) if main else None
     run.loader, run.sampler = make_dataloader(run.train_set, cfg.train_batch_size, cfg.dataloader_num_workers,
                                               cfg.seed or 0, pin_memory=device.type == "cuda")
@@ -274,7 +273,7 @@ def train_epoch(run: Run, epoch: int, skip: int) -> bool:
             run.replaced += batch["replaced"].sum()
         with accelerator.accumulate(run.unet):
             loss, skipped = train_micro_step(accelerator, run.unet, run.optimizer,
-                                             run.produce(batch, accelerator.device), run.objective,
+                                             run.encode_batch(batch, accelerator.device), run.objective,
                                              cfg.max_grad_norm, skip_nonfinite=cfg.max_nonfinite_steps > 0)
         run.loss_sum += loss
         run.micro_steps += 1
@@ -319,7 +318,7 @@ def after_optimizer_step(run: Run, epoch: int, skipped) -> bool:
         accelerator.end_training()
         return True
     if accelerator.is_main_process and step % cfg.validation_steps == 0:
-        run.last_grid = validate(run, step) or run.last_grid
+        run.last_grid = run_validation(run, step) or run.last_grid
     run.t0 += time.perf_counter() - busy
     return False
 
@@ -354,10 +353,10 @@ def finish(run: Run) -> int:
     accelerator.wait_for_everyone()
     if main:
         if state.global_step % cfg.validation_steps:  # the last step had no validation yet
-            run.last_grid = validate(run, state.global_step) or run.last_grid
+            run.last_grid = run_validation(run, state.global_step) or run.last_grid
         save_pipeline(cfg, run.parts, accelerator.unwrap_model(run.unet, keep_torch_compile=False), run.ema,
                       run.output_dir)
-        write_model_card(run.output_dir, cfg, state, run.num_pairs, run.last_grid)
+        write_model_card(run.output_dir, cfg, run.parts.family, state, run.num_pairs, run.last_grid)
     # end_training destroys the process group: every rank must get there together. A rank that tore
     # its gloo group down while the main one was still saving hung at exit (joining gloo's threads).
     accelerator.wait_for_everyone()
@@ -438,18 +437,18 @@ def encode_heldout_split(cfg: TrainConfig, parts, heldout_dataset, device, dtype
     """The held-out pairs, encoded once on the main process (centre crops, no flips)."""
     if heldout_dataset is None:
         return None
-    fixed = dataclasses.replace(cfg, center_crop=True, random_flip=False)
-    pairs = TrainPairs(heldout_dataset, fixed, (parts.tokenizer, parts.tokenizer_2))
-    home = parts.vae.device
+    centre_crops = dataclasses.replace(cfg, center_crop=True, random_flip=False)
+    pairs = TrainPairs(heldout_dataset, centre_crops, parts.tokenizers)
+    encoders_device = parts.vae.device  # the CPU when training from the latent cache
     place_encoders(parts, device)
-    encoder = OnTheFlyEncoder(parts.vae, parts.text_encoder, parts.text_encoder_2, cfg.resolution, dtype)
+    encoder = OnTheFlyEncoder(parts, cfg.resolution, dtype)
     heldout = encode_heldout(pairs, encoder, parts.noise_scheduler.config.num_train_timesteps)
-    place_encoders(parts, home)
+    place_encoders(parts, encoders_device)
     print(f"held-out loss on {len(pairs)} pairs of the '{cfg.validation_split}' split at each validation")
     return heldout
 
 
-def validate(run: Run, step: int) -> str | None:
+def run_validation(run: Run, step: int) -> str | None:
     """Held-out losses and validation images, with the EMA weights when there are any; then the
     trained weights go back. Returns the grid's path relative to the output folder."""
     accelerator, ema, parts, output_dir = run.accelerator, run.ema, run.parts, run.output_dir
@@ -473,9 +472,7 @@ def validate(run: Run, step: int) -> str | None:
 
 
 def save_pipeline(cfg: TrainConfig, parts, unet, ema, output_dir: Path) -> None:
-    """The final StableDiffusionXLInstructPix2PixPipeline folder (safetensors), loadable as is."""
-    from diffusers import EulerDiscreteScheduler, StableDiffusionXLInstructPix2PixPipeline
-
+    """The final InstructPix2Pix pipeline folder of the family (safetensors), loadable as is."""
     if ema is not None:
         ema.copy_to(unet.parameters())
     # The pipeline's default output size is sample_size * 8: make it the training resolution.
@@ -483,9 +480,5 @@ def save_pipeline(cfg: TrainConfig, parts, unet, ema, output_dir: Path) -> None:
     unet = unet.to(memory_format=torch.contiguous_format)
     if unet.dtype != DTYPES[cfg.save_dtype]:
         unet = unet.to(DTYPES[cfg.save_dtype])
-    scheduler = EulerDiscreteScheduler.from_pretrained(
-        cfg.pretrained_model_name_or_path, subfolder="scheduler", revision=cfg.revision)
-    pipeline = StableDiffusionXLInstructPix2PixPipeline(
-        vae=parts.vae, text_encoder=parts.text_encoder, text_encoder_2=parts.text_encoder_2,
-        tokenizer=parts.tokenizer, tokenizer_2=parts.tokenizer_2, unet=unet, scheduler=scheduler)
+    pipeline = instruct_pix2pix_pipeline(parts, unet, cfg.pretrained_model_name_or_path, cfg.revision)
     pipeline.save_pretrained(output_dir, safe_serialization=True)

@@ -21,24 +21,25 @@ def where(name_or_path: str | None) -> str | None:
     return name_or_path
 
 
-def render_model_card(cfg: TrainConfig, state, num_samples: int, validation_grid: str | None) -> str:
+def render_model_card(cfg: TrainConfig, family, state, num_samples: int, validation_grid: str | None) -> str:
+    """`family`: the ip2p.models.ModelFamily trained (its pipeline class, license and hub tag)."""
     data = where(cfg.data_dir or cfg.dataset_name or cfg.train_data_dir)
     base = where(cfg.pretrained_model_name_or_path)
     flags = "\n".join(f"| `--{k}` | `{v}` |" for k, v in changed_flags(cfg).items())
     grid = f"\n## Last validation\n\n![validation]({validation_grid})\n" if validation_grid else ""
     return f"""---
-license: openrail++
+license: {family.license}
 base_model: {base}
 library_name: diffusers
 pipeline_tag: image-to-image
 tags:
-- stable-diffusion-xl
+- {family.hub_tag}
 - instruct-pix2pix
 - image-editing
 - diffusers
 ---
 
-# InstructPix2Pix on SDXL
+# InstructPix2Pix on {family.label}
 
 An instruction-based image editor fine-tuned from `{base}` with the
 InstructPix2Pix method (Brooks et al. 2023).
@@ -59,10 +60,10 @@ InstructPix2Pix method (Brooks et al. 2023).
 
 ```python
 import torch
-from diffusers import StableDiffusionXLInstructPix2PixPipeline
+from diffusers import {family.pipeline_class}
 from diffusers.utils import load_image
 
-pipe = StableDiffusionXLInstructPix2PixPipeline.from_pretrained("PATH_TO_THIS_FOLDER", torch_dtype=torch.float16).to("cuda")
+pipe = {family.pipeline_class}.from_pretrained("PATH_TO_THIS_FOLDER", torch_dtype=torch.float16).to("cuda")
 image = pipe("turn the sky into sunset", image=load_image("photo.jpg"), height={cfg.resolution}, width={cfg.resolution},
              guidance_scale=3.0, image_guidance_scale=1.5, num_inference_steps=30).images[0]
 ```
@@ -77,10 +78,10 @@ or, with this kit: `python inference.py --model_path PATH_TO_THIS_FOLDER --input
 {grid}"""
 
 
-def write_model_card(folder: str | Path, cfg: TrainConfig, state, num_samples: int,
+def write_model_card(folder: str | Path, cfg: TrainConfig, family, state, num_samples: int,
                      validation_grid: str | None) -> Path:
     path = Path(folder) / "README.md"
-    path.write_text(render_model_card(cfg, state, num_samples, validation_grid))
+    path.write_text(render_model_card(cfg, family, state, num_samples, validation_grid))
     return path
 
 

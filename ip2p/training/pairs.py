@@ -23,6 +23,7 @@ from PIL import Image
 
 from ip2p.errors import UserError
 from ip2p.images import open_rgb, to_rgb
+from ip2p.models.family import token_key
 from ip2p.training.guards import ignore_signals_in_worker
 
 
@@ -192,7 +193,7 @@ UNREADABLE = (UserError, OSError, ValueError, SyntaxError, Image.DecompressionBo
 
 
 class TrainPairs(torch.utils.data.Dataset):
-    """Edit pairs as pixels, size ids and token ids for both tokenizers.
+    """Edit pairs as pixels, size ids and token ids for each of the family's tokenizers.
 
     The crop of a sample is drawn once from (seed, index) and kept for the whole run; the flip is
     drawn again each epoch from (seed, epoch, index). The latent cache stores exactly these views
@@ -225,8 +226,7 @@ class TrainPairs(torch.utils.data.Dataset):
                 "original_size": torch.tensor(size), "crop_top_left": torch.tensor(crop)}
 
     def tokens(self, prompt: str) -> dict:
-        return {"input_ids": tokenize(self.tokenizers[0], [prompt])[0],
-                "input_ids_2": tokenize(self.tokenizers[1], [prompt])[0]}
+        return {token_key(i): tokenize(tokenizer, [prompt])[0] for i, tokenizer in enumerate(self.tokenizers)}
 
     def read_or_replace(self, index: int) -> tuple[Image.Image, Image.Image, str, int]:
         """Read a sample; one that fails to decode is replaced by the next readable one and counted.

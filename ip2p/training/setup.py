@@ -49,11 +49,10 @@ def enable_attention(unet, want_xformers: bool) -> str:
 
 def prepare_models(parts, cfg: TrainConfig, device, weight_dtype: torch.dtype) -> None:
     """Freeze the encoders, widen and configure the UNet, put everything on the device."""
-    for frozen in (parts.vae, parts.text_encoder, parts.text_encoder_2):
+    for frozen in parts.encoders:
         frozen.requires_grad_(False).eval()
     vae_dtype = weight_dtype if cfg.pretrained_vae_model_name_or_path else DTYPES[cfg.vae_precision]
-    for module, dtype in ((parts.vae, vae_dtype), (parts.text_encoder, weight_dtype),
-                          (parts.text_encoder_2, weight_dtype)):
+    for module, dtype in ((parts.vae, vae_dtype), *((encoder, weight_dtype) for encoder in parts.text_encoders)):
         if module.dtype != dtype:
             module.to(dtype=dtype)
     unet = expand_conv_in(parts.unet, 8)
@@ -69,7 +68,7 @@ def prepare_models(parts, cfg: TrainConfig, device, weight_dtype: torch.dtype) -
 
 
 def place_encoders(parts, device) -> None:
-    for module in (parts.vae, parts.text_encoder, parts.text_encoder_2):
+    for module in parts.encoders:
         module.to(device)
 
 

@@ -76,11 +76,8 @@ def denoising_loss(unet, noise_scheduler, latents, noise, timesteps, conditionin
     noisy = noise_scheduler.add_noise(latents, noise, timesteps)
     c = conditioning
     model_input = torch.cat([noisy, c.original_latents.float()], dim=1).to(parameter_dtype(unet))
-    pred = unet(
-        model_input, timesteps, c.prompt_embeds,
-        added_cond_kwargs={"text_embeds": c.pooled_prompt_embeds, "time_ids": c.time_ids},
-        return_dict=False,
-    )[0]
+    pred = unet(model_input, timesteps, c.prompt_embeds, added_cond_kwargs=c.unet_added_conditioning(),
+                return_dict=False)[0]
     return compute_loss(pred, diffusion_target(noise_scheduler, latents, noise, timesteps))
 
 

@@ -19,6 +19,7 @@ from PIL import Image
 from ip2p.errors import UserError
 from ip2p.grid import make_grid
 from ip2p.images import open_rgb, to_rgb
+from ip2p.models import instruct_pix2pix_pipeline
 from ip2p.training.pairs import resize_and_crop
 
 
@@ -67,14 +68,7 @@ class Validator:
         self.pipeline = None
 
     def _build(self, unet):
-        from diffusers import EulerDiscreteScheduler, StableDiffusionXLInstructPix2PixPipeline
-
-        p = self.parts
-        scheduler = EulerDiscreteScheduler.from_pretrained(
-            self.cfg.pretrained_model_name_or_path, subfolder="scheduler", revision=self.cfg.revision)
-        pipe = StableDiffusionXLInstructPix2PixPipeline(
-            vae=p.vae, text_encoder=p.text_encoder, text_encoder_2=p.text_encoder_2,
-            tokenizer=p.tokenizer, tokenizer_2=p.tokenizer_2, unet=unet, scheduler=scheduler)
+        pipe = instruct_pix2pix_pipeline(self.parts, unet, self.cfg.pretrained_model_name_or_path, self.cfg.revision)
         pipe.set_progress_bar_config(disable=True)
         return pipe
 
@@ -90,8 +84,8 @@ class Validator:
         rows = []
         was_training = unet.training
         unet.eval()
-        encoders = (self.parts.vae, self.parts.text_encoder, self.parts.text_encoder_2)
-        home = self.parts.vae.device  # the CPU when training from the latent cache
+        encoders = self.parts.encoders
+        encoders_device = self.parts.vae.device  # the CPU when training from the latent cache
         for module in encoders:
             module.to(device)
         with autocast:
@@ -106,7 +100,7 @@ class Validator:
                 rows.append([photo] + outs)
         unet.train(was_training)
         for module in encoders:
-            module.to(home)
+            module.to(encoders_device)
         labels = [p if len(p) <= 40 else p[:37] + "..." for _, p in self.pairs]
         cols = ["input"] + [str(i + 1) for i in range(cfg.num_validation_images)]
         return make_grid(rows, row_labels=labels, col_labels=cols, title=f"step {step}")

@@ -1,4 +1,4 @@
-"""Validation of one record, run in the worker that writes its shard.
+"""Checking one record, in the worker that writes its shard.
 
 An image is accepted only after a full decode (`Image.load()`): `verify()` alone misses truncated
 data. PIL's DecompressionBombWarning is an error here, like DecompressionBombError. The EXIF

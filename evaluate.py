@@ -1,4 +1,4 @@
-"""Evaluate a trained SDXL InstructPix2Pix editor on held-out pairs, over an image-guidance sweep.
+"""Evaluate a trained InstructPix2Pix editor (SDXL or SD 1.x/2.x) on held-out pairs, over an image-guidance sweep.
 
 The held-out split of a converted dataset (validation, else test, else train; or --split), CLIP
 ViT-L/14 as in the InstructPix2Pix paper, five image-guidance values:

@@ -1,4 +1,4 @@
-"""Stage 4: edit photos with a trained SDXL InstructPix2Pix pipeline.
+"""Stage 4: edit photos with a trained InstructPix2Pix pipeline (SDXL or SD 1.x/2.x, read from the folder).
 
 One photo:
     python inference.py --model_path ./ip2p-sdxl --input_image photo.jpg \\

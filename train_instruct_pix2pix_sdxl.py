@@ -1,6 +1,10 @@
 #!/usr/bin/env python
 """Train SDXL into an instruction-based image editor (InstructPix2Pix), with the diffusers flags.
 
+The same script trains from an SD 1.x/2.x base or continues an existing InstructPix2Pix pipeline of
+either family (timbrooks/instruct-pix2pix, diffusers/sdxl-instructpix2pix-768): the family is read
+from the model folder's configs.
+
 Usually launched through ./train.sh (accelerate). Directly, on one process:
 
     python train_instruct_pix2pix_sdxl.py --config configs/sdxl_1024_8xa100.yaml \\

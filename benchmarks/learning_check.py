@@ -1,14 +1,14 @@
 """Learning check: does a tiny model, trained by the kit on a CPU, learn to do the edit it is told?
 
-    python benchmarks/learning_check.py [--output_dir DIR] [--num_pairs 2400] [--vae_steps 500]
-                                        [--train_steps 12000] [--eval_pairs 64] [--seed 0]
+    python benchmarks/learning_check.py [--output_dir DIR] [--family sdxl|sd15] [--num_pairs 2400]
+                                        [--vae_steps 500] [--train_steps 12000] [--eval_pairs 64] [--seed 0]
 
 On the demo's synthetic task (python -m ip2p.tiny.sample_data: recolour the shape, recolour the
 background, swap square and circle; the instruction fully determines the edit), all through the
 kit's own entry points:
 
   1. edit pairs -> convert_to_hf_dataset.py --val_fraction 0.15 (a held-out split);
-  2. python -m ip2p.tiny.model, whose random VAE is then fitted for a few minutes on the training
+  2. python -m ip2p.tiny.model --family F (a tiny SDXL by default, or SD 1.5), whose random VAE is then fitted for a few minutes on the training
      images (ip2p.tiny.learning.fit_vae: a random VAE scrambles images, see the design notes);
   3. train_instruct_pix2pix_sdxl.py --config configs/tiny_cpu.yaml with a larger batch, a cosine
      schedule and EMA (the flags are in the summary's train_command); it logs the held-out
@@ -110,6 +110,7 @@ def check_denoising(cmd: list[str], pipeline_dir: Path) -> dict:
 def parse_args(argv):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--output_dir", default=None, help="work folder (default: a new temp folder)")
+    p.add_argument("--family", choices=("sdxl", "sd15"), default="sdxl", help="the tiny model's family")
     p.add_argument("--num_pairs", type=int, default=2400, help="synthetic pairs, 15%% held out")
     p.add_argument("--vae_steps", type=int, default=500, help="VAE fitting steps")
     p.add_argument("--vae_batch_size", type=int, default=32)
@@ -129,14 +130,15 @@ def main(argv=None) -> int:
     t0 = time.time()
     work = Path(a.output_dir or tempfile.mkdtemp(prefix="ip2p-learning-check-")).resolve()
     work.mkdir(parents=True, exist_ok=True)
-    raw, data, model, out = work / "pairs", work / "data", work / "tiny-sdxl", work / "run"
+    raw, data, model, out = work / "pairs", work / "data", work / f"tiny-{a.family}", work / "run"
     py, timings = sys.executable, {}
 
     run([py, "-m", "ip2p.tiny.sample_data", "--output_dir", str(raw), "--num_pairs", str(a.num_pairs),
          "--size", "64", "--seed", str(a.seed), "--overwrite"], work / "sample_data.log")
     run([py, "convert_to_hf_dataset.py", "--data_dir", str(raw), "--output_dir", str(data),
          "--val_fraction", "0.15", "--overwrite"], work / "convert.log")
-    run([py, "-m", "ip2p.tiny.model", "--output_dir", str(model), "--seed", str(a.seed), "--overwrite"],
+    run([py, "-m", "ip2p.tiny.model", "--output_dir", str(model), "--family", a.family, "--seed", str(a.seed),
+         "--overwrite"],
         work / "tiny_model.log")
     timings["data_and_model_s"] = round(time.time() - t0, 1)
 

@@ -69,6 +69,22 @@ def tiny_sdxl(tmp_path_factory) -> Path:
 
 
 @pytest.fixture(scope="session")
+def tiny_sd15(tmp_path_factory) -> Path:
+    """A tiny base SD 1.5 (one text encoder, 4-channel UNet) in the hub layout."""
+    from ip2p.tiny.model import build_tiny
+
+    return build_tiny(tmp_path_factory.mktemp("tiny") / "sd15", "sd15")
+
+
+@pytest.fixture(scope="session")
+def tiny_sd15_ip2p(tmp_path_factory) -> Path:
+    """A tiny SD 1.5 InstructPix2Pix pipeline (8-channel UNet), as timbrooks/instruct-pix2pix is laid out."""
+    from ip2p.tiny.model import build_tiny
+
+    return build_tiny(tmp_path_factory.mktemp("tiny") / "sd15_ip2p", "sd15", instruct_pix2pix=True)
+
+
+@pytest.fixture(scope="session")
 def tiny_pairs(tmp_path_factory) -> Path:
     return write_pairs_dataset(tmp_path_factory.mktemp("pairs") / "data")
 

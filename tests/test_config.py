@@ -50,9 +50,19 @@ def test_recipe_sets_defaults_and_the_command_line_wins(tmp_path):
     assert cfg.resolution == 512 and cfg.train_batch_size == 3 and cfg.learning_rate == 5e-6 and cfg.use_ema
 
 
+RECIPES = ("configs/sdxl_1024_8xa100.yaml", "configs/sd15_512_8xa100.yaml", "configs/continue_ip2p_512.yaml",
+           "configs/tiny_cpu.yaml")
+
+
 def test_shipped_recipes_parse():
-    for name in ("configs/sdxl_1024_8xa100.yaml", "configs/tiny_cpu.yaml"):
+    for name in RECIPES:
         parse_config(["--config", name])
+    sd15 = parse_config(["--config", "configs/sd15_512_8xa100.yaml"])
+    # the InstructPix2Pix paper: total batch 1024 on 8 GPUs, lr 1e-4 without warmup, 10k steps
+    assert sd15.train_batch_size * 8 * sd15.gradient_accumulation_steps == 1024 and sd15.resolution == 512
+    assert (sd15.learning_rate, sd15.lr_warmup_steps, sd15.max_train_steps, sd15.scale_lr) == (1e-4, 0, 10000, False)
+    more = parse_config(["--config", "configs/continue_ip2p_512.yaml"])
+    assert more.pretrained_model_name_or_path == "timbrooks/instruct-pix2pix" and more.learning_rate < sd15.learning_rate
     cfg = parse_config(["--config", "configs/sdxl_1024_8xa100.yaml"])
     assert (cfg.train_batch_size, cfg.gradient_accumulation_steps) == (4, 2)  # 64 per optimizer step on 8 GPUs
     # no gradient checkpointing: 52 GiB per GPU measured at batch 4 (see the recipe's comment)
@@ -115,7 +125,7 @@ def test_silent_defaults_get_a_warning_and_the_recipes_have_none():
     assert "--lr_warmup_steps 500 is ignored by --lr_scheduler constant" in bare[1]
     assert silent_default_warnings(parse_config(["--conditioning_dropout_prob", "0.05", "--lr_scheduler",
                                                  "constant_with_warmup"])) == []
-    for recipe in ("configs/sdxl_1024_8xa100.yaml", "configs/tiny_cpu.yaml"):
+    for recipe in RECIPES:
         assert silent_default_warnings(parse_config(["--config", recipe])) == []
 
 

@@ -180,6 +180,19 @@ def test_end_to_end_with_captions(model, clip, tmp_path, capsys):
     assert "whole dataset" in capsys.readouterr().out
 
 
+
+def test_an_sd15_editor_is_evaluated_the_same_way(tiny_sd15_ip2p, clip, tmp_path):
+    """The family comes from the folder; SD's pipeline edits at its input's size, so the photo is
+    resized to the output size first: the outputs keep the input's aspect as SDXL's do."""
+    data = captioned_pairs(tmp_path / "pairs", n=3)
+    out = tmp_path / "eval"
+    assert run(tiny_sd15_ip2p, data, clip, out) == 0
+    report = json.loads((out / "metrics.json").read_text())
+    assert report["num_samples"] == 3 and all(math.isfinite(r["l1"]) for r in report["results"])
+    for r in read_jsonl(out / "per_sample.jsonl"):
+        with Image.open(out / r["image"]) as im:
+            assert im.size == (r["width"], r["height"]) and max(im.size) == 64
+
 def test_without_captions_directional_is_null_and_text_is_the_instruction(model, clip, tmp_path,
                                                                           capsys):
     import datasets

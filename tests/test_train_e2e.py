@@ -142,10 +142,10 @@ def test_bad_input_is_one_line_exit_2_and_nothing_written(tiny_sdxl, tiny_pairs,
     assert not out.exists()
 
 
-def test_a_model_folder_that_is_not_sdxl_is_refused(tiny_pairs, tmp_path, capsys):
+def test_a_model_folder_without_a_pipeline_index_is_refused(tiny_pairs, tmp_path, capsys):
     from train_instruct_pix2pix_sdxl import main
 
     (tmp_path / "model" / "unet").mkdir(parents=True)
     rc = main(["--pretrained_model_name_or_path", str(tmp_path / "model"), "--data_dir", str(tiny_pairs),
                "--output_dir", str(tmp_path / "run")])
-    assert rc == 2 and "not an SDXL model folder: missing vae" in capsys.readouterr().err
+    assert rc == 2 and "model holds no model_index.json; supported: an SDXL or SD 1.x/2.x base" in capsys.readouterr().err

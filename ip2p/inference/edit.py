@@ -24,7 +24,7 @@ from ip2p.dtypes import DTYPES, INFERENCE_DTYPES
 from ip2p.errors import UserError
 from ip2p.grid import make_grid
 from ip2p.images import open_rgb
-from ip2p.models import FAMILIES, ModelFamily, pipeline_family
+from ip2p.models import FAMILIES, ModelFamily, pipeline_family, size_arguments, takes_output_size
 
 TRAINING_CONFIG = "training_config.yaml"
 SAVE_OPTIONS = {"JPEG": {"quality": 95}, "WEBP": {"quality": 95}}  # PIL's default 75 shows blocks
@@ -316,8 +316,10 @@ class EditSettings:
 def edit(pipe, image: Image.Image, instruction: str, s: EditSettings) -> Image.Image:
     """One edited image; the noise comes from a CPU generator, so a seed means the same anywhere."""
     width, height = s.size
+    if not takes_output_size(pipe) and image.size != s.size:  # SD's pipeline edits at the image's size
+        image = image.resize(s.size, Image.Resampling.LANCZOS)
     return pipe(
-        prompt=instruction, image=image, height=height, width=width,
+        prompt=instruction, image=image, **size_arguments(pipe, width, height),
         num_inference_steps=s.num_inference_steps, guidance_scale=s.guidance_scale,
         image_guidance_scale=s.image_guidance_scale, negative_prompt=s.negative_prompt,
         generator=torch.Generator("cpu").manual_seed(s.seed),

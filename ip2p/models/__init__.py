@@ -1,7 +1,8 @@
 """Loading a model family's parts from a folder in the hub layout (a real base model or a tiny one).
 
-The families live one per module beside this file (ip2p/models/sdxl.py); the rest of the kit
-reaches them through `ModelParts.family` and the functions here.
+The families live one per module beside this file (sdxl.py, sd15.py); which one a folder holds is
+read from its configs (detect.py). The rest of the kit reaches them through `ModelParts.family`
+and the functions here.
 """
 
 from __future__ import annotations
@@ -9,36 +10,43 @@ from __future__ import annotations
 from pathlib import Path
 
 from ip2p.errors import UserError, first_line
-from ip2p.models.family import ModelFamily, ModelParts, token_key
+from ip2p.models.detect import DetectedModel, detect, family_of_components
+from ip2p.models.family import ModelFamily, ModelParts, token_key, tokenize
+from ip2p.models.sd15 import StableDiffusion
 from ip2p.models.sdxl import SDXL
 
-FAMILIES: dict[str, ModelFamily] = {f.name: f for f in (SDXL(),)}
+FAMILIES: dict[str, ModelFamily] = {f.name: f for f in (SDXL(), StableDiffusion())}
 
-__all__ = ["FAMILIES", "ModelFamily", "ModelParts", "detect_family", "inference_scheduler",
-           "instruct_pix2pix_pipeline", "load_parts", "pipeline_family", "token_key", "vae_scale_factor"]
+__all__ = ["FAMILIES", "DetectedModel", "ModelFamily", "ModelParts", "detect_family", "inference_scheduler",
+           "describe_start", "instruct_pix2pix_pipeline", "load_parts", "pipeline_family", "size_arguments", "takes_output_size", "token_key", "tokenize", "vae_scale_factor"]
 
 
-def detect_family(path: str) -> ModelFamily:
-    """The family of the model at `path`. A local folder must hold a family's layout; anything else
-    is taken as a hub id of an SDXL base."""
-    family = FAMILIES["sdxl"]
-    p = Path(path)
-    looks_local = p.exists() or path.startswith((".", "/", "~")) or path.count("/") > 1
-    if not looks_local:
-        return family
-    if not p.is_dir():
-        raise UserError(f"--pretrained_model_name_or_path {path} does not exist")
-    missing = [f for f in family.folders if not (p / f).is_dir()]
-    if missing:
-        raise UserError(f"{path} is not an SDXL model folder: missing {', '.join(missing)}/ "
-                        "(expected the layout of stabilityai/stable-diffusion-xl-base-1.0)")
-    return family
+def detect_family(path: str, revision: str | None = None) -> DetectedModel:
+    """The family of the model at `path` (a folder or a hub id) and its UNet's width, read from its
+    model_index.json and unet/config.json; anything unsupported is a UserError saying what it is."""
+    return detect(path, FAMILIES.values(), revision)
 
 
 def pipeline_family(index: dict) -> ModelFamily | None:
     """The family whose components a pipeline folder's model_index.json lists, or None."""
-    by_encoders = sorted(FAMILIES.values(), key=lambda f: -len(f.text_folders))  # SDXL before SD 1.5
-    return next((f for f in by_encoders if all(folder in index for folder in f.folders)), None)
+    return family_of_components(index, FAMILIES.values())
+
+
+def check_family_flags(cfg, family: ModelFamily) -> None:
+    """A flag that only another family uses, set on this one, is a mistake worth naming."""
+    for other in FAMILIES.values():
+        for flag, default in other.only_flags.items():
+            if other != family and getattr(cfg, flag, default) != default:
+                raise UserError(f"--{flag} is an {other.label} flag, and {cfg.pretrained_model_name_or_path} is an "
+                                f"{family.label} model; remove it")
+
+
+def describe_start(parts: ModelParts) -> str:
+    """One line on what training starts from (printed before the first step)."""
+    if parts.unet.config.in_channels == 8:
+        return (f"{parts.family.label} InstructPix2Pix pipeline: its 8-channel UNet trains further, conv_in as "
+                "trained")
+    return f"{parts.family.label} base model: its 4-channel UNet is widened to 8 (the new inputs start at zero)"
 
 
 def _load(what: str, fn, *args, **kwargs):
@@ -57,7 +65,8 @@ def load_parts(cfg) -> ModelParts:
     base = cfg.pretrained_model_name_or_path
     if not base:
         raise UserError("--pretrained_model_name_or_path is required (the base model folder or hub id)")
-    family = detect_family(base)
+    family = detect_family(base, cfg.revision).family
+    check_family_flags(cfg, family)
     common = dict(revision=cfg.revision)
     weights = dict(common, variant=cfg.variant)
     tokenizers, text_encoders = [], []
@@ -74,7 +83,10 @@ def load_parts(cfg) -> ModelParts:
         vae = _load("VAE", AutoencoderKL.from_pretrained, base, subfolder="vae", **weights)
     unet = _load("UNet", UNet2DConditionModel.from_pretrained, base, subfolder="unet", **weights)
     sched = _load("noise scheduler", DDPMScheduler.from_pretrained, base, subfolder="scheduler", **common)
-    return ModelParts(family, tuple(tokenizers), tuple(text_encoders), vae, unet, sched)
+    parts = ModelParts(family, tuple(tokenizers), tuple(text_encoders), vae, unet, sched)
+    if problem := family.check_parts(parts):
+        raise UserError(f"{base}: {problem}")
+    return parts
 
 
 def inference_scheduler(base: str, revision: str | None = None):
@@ -87,6 +99,19 @@ def inference_scheduler(base: str, revision: str | None = None):
 def instruct_pix2pix_pipeline(parts: ModelParts, unet, base: str, revision: str | None = None):
     """The one place a training run assembles its InstructPix2Pix pipeline (validation, final save)."""
     return parts.family.pipeline(parts, unet, inference_scheduler(base, revision))
+
+
+def takes_output_size(pipe) -> bool:
+    """SDXL's InstructPix2Pix pipeline takes height and width; SD's edits at its input image's size."""
+    import inspect
+
+    return "height" in inspect.signature(pipe.__call__).parameters
+
+
+def size_arguments(pipe, width: int, height: int) -> dict:
+    """The height/width keywords for pipelines that take them; callers of the others pass the input
+    image at the output size already."""
+    return {"height": height, "width": width} if takes_output_size(pipe) else {}
 
 
 def vae_scale_factor(vae) -> int:

@@ -34,12 +34,19 @@ def present_components(index: dict) -> set[str]:
     return {k for k, v in index.items() if not k.startswith("_") and isinstance(v, list) and v and v[-1]}
 
 
+def family_of_components(index: dict, families) -> ModelFamily | None:
+    """The family whose every folder model_index.json lists; the one with most text encoders first
+    (an SDXL pipeline also has SD's tokenizer and text_encoder)."""
+    components = present_components(index)
+    return next((f for f in sorted(families, key=lambda f: -len(f.text_folders)) if set(f.folders) <= components),
+                None)
+
+
 def classify(index: dict, unet_config: dict | None, families, where: str) -> DetectedModel:
     """The family and UNet width of a model whose model_index.json and unet/config.json are given."""
     cls = index.get("_class_name", "pipeline")
     components = present_components(index)
-    family = next((f for f in sorted(families, key=lambda f: -len(f.text_folders))
-                   if set(f.folders) <= components), None)
+    family = family_of_components(index, families)
     if family is None:
         what = ", ".join(sorted(components)) or "no components"
         raise UserError(f"{where} holds a {cls} ({what}); {SUPPORTED}")

@@ -26,6 +26,7 @@ class ModelFamily:
     license: str  # the base weights' license, which the model card repeats
     hub_tag: str  # the model card's tag for the family
     extra_pipeline_components: dict = {}  # constructor arguments besides the models and scheduler
+    only_flags: dict = {}  # trainer flags that mean something for this family only, with their defaults
 
     def text_encoder_classes(self) -> tuple[type, ...]:
         """The transformers classes of the text encoders, in `text_folders` order."""
@@ -39,6 +40,10 @@ class ModelFamily:
     def micro_conditioning(self, original_size: torch.Tensor, crop_top_left: torch.Tensor,
                            target_size: tuple[int, int]) -> torch.Tensor | None:
         """Per-sample size conditioning (SDXL's time ids), or None for families without it."""
+        return None
+
+    def check_parts(self, parts: "ModelParts") -> str | None:
+        """Why these loaded parts cannot be trained exactly as the family's pipeline uses them, or None."""
         return None
 
     def null_text(self, parts: "ModelParts", device) -> tuple[torch.Tensor, torch.Tensor | None] | None:
@@ -70,6 +75,12 @@ class ModelFamily:
 
     def __hash__(self) -> int:
         return hash(self.name)
+
+
+def tokenize(tokenizer, prompts: list[str]) -> torch.Tensor:
+    """Token ids padded to the tokenizer's length (77), as every Stable Diffusion pipeline pads them."""
+    return tokenizer(prompts, padding="max_length", max_length=tokenizer.model_max_length,
+                     truncation=True, return_tensors="pt").input_ids
 
 
 def token_key(i: int) -> str:

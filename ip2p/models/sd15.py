@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import torch
 
-from ip2p.models.family import ModelFamily
+from ip2p.models.family import ModelFamily, tokenize
 
 
 class StableDiffusion(ModelFamily):
@@ -41,8 +41,6 @@ class StableDiffusion(ModelFamily):
     def null_text(self, parts, device):
         """The empty prompt's hidden states, which the pipeline's unconditional branch uses (its
         `negative_prompt` defaults to ""); computed once with the frozen encoder, on `device`."""
-        from ip2p.training.pairs import tokenize
-
         (tokenizer,), (text_encoder,) = parts.tokenizers, parts.text_encoders
         ids = tokenize(tokenizer, [""]).to(text_encoder.device)
         embeds, _ = self.encode_prompt(parts.text_encoders, [ids])

@@ -35,6 +35,8 @@ class SDXL(ModelFamily):
     pipeline_class = "StableDiffusionXLInstructPix2PixPipeline"
     license = "openrail++"
     hub_tag = "stable-diffusion-xl"
+    # the diffusers SDXL script's fixed crop for the time ids (the kit uses each image's real crop)
+    only_flags = {"crops_coords_top_left_h": 0, "crops_coords_top_left_w": 0}
 
     def text_encoder_classes(self):
         from transformers import CLIPTextModel, CLIPTextModelWithProjection

@@ -24,6 +24,7 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
+from ip2p.models import size_arguments
 from ip2p.tiny.model import pin_logvar
 from ip2p.training.pairs import to_tensor
 
@@ -134,7 +135,7 @@ def edit_errors(pipe, inputs: list[Image.Image], instructions: list[str], ground
             sl = slice(i, i + sampling.batch_size)
             # one generator per sample: each output starts from the same noise in both runs
             gens = [torch.Generator().manual_seed(sampling.seed + j) for j in range(i, i + len(inputs[sl]))]
-            latents.append(pipe(prompt=prompts[sl], image=inputs[sl], height=height, width=width,
+            latents.append(pipe(prompt=prompts[sl], image=inputs[sl], **size_arguments(pipe, width, height),
                                 num_inference_steps=sampling.num_inference_steps,
                                 guidance_scale=sampling.guidance_scale,
                                 image_guidance_scale=sampling.image_guidance_scale, generator=gens,

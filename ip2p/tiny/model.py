@@ -1,11 +1,14 @@
-"""Write a tiny random-weight SDXL pipeline in the hub layout, for tests and the demo.
+"""Write a tiny random-weight SDXL or SD 1.5 pipeline in the hub layout, for tests and the demo.
 
     python -m ip2p.tiny.model --output_dir ./tiny-sdxl
+    python -m ip2p.tiny.model --output_dir ./tiny-sd15 --family sd15
     python -m ip2p.tiny.model --output_dir ./tiny-ip2p --instruct_pix2pix   # 8-channel, untrained
 
 The folder has the same layout as `stabilityai/stable-diffusion-xl-base-1.0` (model_index.json,
-unet/, vae/, text_encoder/, text_encoder_2/, tokenizer/, tokenizer_2/, scheduler/), so everything
-that loads the real base model loads this one through the same code. The tokenizers are
+unet/, vae/, text_encoder/, text_encoder_2/, tokenizer/, tokenizer_2/, scheduler/) or, with
+`--family sd15`, as `stable-diffusion-v1-5/stable-diffusion-v1-5` (one tokenizer and text encoder,
+no safety checker saved), so everything that loads the real base model loads this one through the
+same code. The tokenizers are
 character-level BPE vocabularies made here, so nothing is downloaded.
 
 The VAE is random but made usable for learning checks (shared design notes): its encoder's
@@ -25,7 +28,7 @@ from ip2p.errors import UserError, cli
 
 SPECIAL_TOKENS = ("<|startoftext|>", "<|endoftext|>")
 MAX_TEXT_LENGTH = 77
-TEXT_HIDDEN = 32  # each tiny text encoder; the UNet sees 2 * 32 = 64 (SDXL: 768 + 1280 = 2048)
+TEXT_HIDDEN = 32  # each tiny text encoder; the SDXL UNet sees 2 * 32 = 64 (SDXL: 768 + 1280 = 2048)
 TIME_EMBED_DIM = 8  # SDXL: 256 per micro-conditioning number
 
 
@@ -66,17 +69,20 @@ def _text_encoders(vocab_size: int, bos: int, eos: int, pad: int):
     return CLIPTextModel(config()), CLIPTextModelWithProjection(config())
 
 
-def tiny_unet():
+def tiny_unet(family: str = "sdxl"):
+    """SDXL's: cross-attention over both encoders' width plus the pooled text and time ids added
+    to the time embedding. SD 1.5's: cross-attention over one encoder, nothing added."""
     from diffusers import UNet2DConditionModel
 
+    conditioning = dict(
+        cross_attention_dim=2 * TEXT_HIDDEN, addition_embed_type="text_time", addition_time_embed_dim=TIME_EMBED_DIM,
+        projection_class_embeddings_input_dim=6 * TIME_EMBED_DIM + TEXT_HIDDEN,
+    ) if family == "sdxl" else dict(cross_attention_dim=TEXT_HIDDEN)
     return UNet2DConditionModel(
         sample_size=16, in_channels=4, out_channels=4, layers_per_block=1,
         block_out_channels=(32, 64), down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
         up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"), attention_head_dim=(2, 4),
-        transformer_layers_per_block=(1, 1), use_linear_projection=True, norm_num_groups=16,
-        cross_attention_dim=2 * TEXT_HIDDEN, addition_embed_type="text_time",
-        addition_time_embed_dim=TIME_EMBED_DIM,
-        projection_class_embeddings_input_dim=6 * TIME_EMBED_DIM + TEXT_HIDDEN,
+        transformer_layers_per_block=(1, 1), use_linear_projection=True, norm_num_groups=16, **conditioning,
     )
 
 
@@ -119,32 +125,52 @@ def _scheduler():
     )
 
 
-def build_tiny_sdxl(output_dir: str | Path, seed: int = 0, instruct_pix2pix: bool = False) -> Path:
-    """Build and save the tiny pipeline; returns the folder."""
-    from diffusers import StableDiffusionXLInstructPix2PixPipeline, StableDiffusionXLPipeline
+def _sd15_scheduler():
+    from diffusers import PNDMScheduler
+
+    # SD 1.5's scheduler config (the trainer reads it as DDPM's, the pipelines as Euler's).
+    return PNDMScheduler(num_train_timesteps=1000, beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",
+                         skip_prk_steps=True, steps_offset=1, set_alpha_to_one=False, prediction_type="epsilon")
+
+
+FAMILIES = ("sdxl", "sd15")
+PIPELINES = {("sdxl", False): "StableDiffusionXLPipeline", ("sdxl", True): "StableDiffusionXLInstructPix2PixPipeline",
+             ("sd15", False): "StableDiffusionPipeline", ("sd15", True): "StableDiffusionInstructPix2PixPipeline"}
+
+
+def build_tiny(output_dir: str | Path, family: str = "sdxl", seed: int = 0, instruct_pix2pix: bool = False) -> Path:
+    """Build and save the tiny pipeline of `family` (a base, or an untrained 8-channel
+    InstructPix2Pix pipeline); returns the folder."""
+    import diffusers
 
     from ip2p.method import expand_conv_in
 
     output_dir = Path(output_dir)
     torch.manual_seed(seed)
-    tokenizer = make_tokenizer(pad_token="<|endoftext|>")
-    tokenizer_2 = make_tokenizer(pad_token="!")  # as SDXL's OpenCLIP tokenizer
+    tokenizer = make_tokenizer(pad_token="<|endoftext|>")  # as CLIP ViT-L's (SD 1.5, SDXL's first)
     bos, eos = tokenizer.convert_tokens_to_ids(list(SPECIAL_TOKENS))
     text_encoder, text_encoder_2 = _text_encoders(len(tokenizer), bos, eos, tokenizer.pad_token_id)
     vae = _vae()
     with torch.no_grad():
         std = vae.encode(calibration_images()).latent_dist.mean.std().item()
     vae.register_to_config(scaling_factor=round(1.0 / std, 5))
-    unet = tiny_unet()
-    parts = dict(vae=vae, text_encoder=text_encoder, text_encoder_2=text_encoder_2,
-                 tokenizer=tokenizer, tokenizer_2=tokenizer_2, unet=unet, scheduler=_scheduler())
+    unet = tiny_unet(family)
+    if family == "sdxl":
+        parts = dict(text_encoder_2=text_encoder_2, tokenizer_2=make_tokenizer(pad_token="!"),  # OpenCLIP's pad
+                     scheduler=_scheduler())
+    else:
+        parts = dict(scheduler=_sd15_scheduler(), safety_checker=None, feature_extractor=None,
+                     requires_safety_checker=False)
     if instruct_pix2pix:
         expand_conv_in(unet, 8)
-        pipe = StableDiffusionXLInstructPix2PixPipeline(**parts)
-    else:
-        pipe = StableDiffusionXLPipeline(**parts)
+    pipeline_class = getattr(diffusers, PIPELINES[family, instruct_pix2pix])
+    pipe = pipeline_class(vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, unet=unet, **parts)
     pipe.save_pretrained(output_dir, safe_serialization=True)
     return output_dir
+
+
+def build_tiny_sdxl(output_dir: str | Path, seed: int = 0, instruct_pix2pix: bool = False) -> Path:
+    return build_tiny(output_dir, "sdxl", seed, instruct_pix2pix)
 
 
 @cli
@@ -152,6 +178,8 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m ip2p.tiny.model", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--output_dir", required=True, help="folder to write the pipeline into")
+    parser.add_argument("--family", choices=FAMILIES, default="sdxl",
+                        help="sdxl (two text encoders, micro-conditioning) or sd15 (one text encoder)")
     parser.add_argument("--seed", type=int, default=0, help="seed of the random weights")
     parser.add_argument("--instruct_pix2pix", action="store_true",
                         help="write an (untrained) 8-channel InstructPix2Pix pipeline instead of the base")
@@ -160,8 +188,9 @@ def main(argv: list[str] | None = None) -> int:
     out = Path(args.output_dir)
     if out.exists() and any(out.iterdir()) and not args.overwrite:
         raise UserError(f"{out} already exists and is not empty; pass --overwrite or choose another --output_dir")
-    build_tiny_sdxl(out, seed=args.seed, instruct_pix2pix=args.instruct_pix2pix)
-    print(f"wrote a tiny SDXL{' InstructPix2Pix' if args.instruct_pix2pix else ''} pipeline to {out}")
+    build_tiny(out, args.family, seed=args.seed, instruct_pix2pix=args.instruct_pix2pix)
+    label = {"sdxl": "SDXL", "sd15": "SD 1.5"}[args.family]
+    print(f"wrote a tiny {label}{' InstructPix2Pix' if args.instruct_pix2pix else ''} pipeline to {out}")
     return 0
 
 

@@ -52,7 +52,8 @@ class TrainConfig:
     config: Optional[str] = flag(None, "(kit) YAML recipe in configs/; command-line flags override it", metavar="FILE")
 
     pretrained_model_name_or_path: Optional[str] = _model(
-        None, "SDXL base model: a local folder in the hub layout or a hub id (required)")
+        None, "the model to start from, a local folder in the diffusers layout or a hub id (required): an SDXL or "
+              "SD 1.x/2.x base, or an InstructPix2Pix pipeline of either; the family is read from its configs")
     pretrained_vae_model_name_or_path: Optional[str] = _model(
         None, "another VAE, e.g. madebyollin/sdxl-vae-fp16-fix (then cast to the mixed-precision dtype)")
     revision: Optional[str] = _model(None, "hub revision of the model files")
@@ -219,7 +220,7 @@ def _recipe_to_argv(recipe: dict) -> list[str]:
 def build_parser() -> FlagParser:
     return FlagParser(TrainConfig, "train_instruct_pix2pix_sdxl.py",
                       usage="%(prog)s [--config FILE] [--FLAG VALUE ...]",
-                      description="Train SDXL InstructPix2Pix (see README.md).\nFlags override the --config "
+                      description="Train an InstructPix2Pix editor from SDXL or SD 1.x/2.x (see README.md).\nFlags override the --config "
                                   "recipe, whose keys are the flags' names.")
 
 
@@ -275,7 +276,7 @@ def check_optimizer(cfg: TrainConfig) -> None:
 def check_config(cfg: TrainConfig) -> None:
     """Checks that need no file access beyond existence; each failure is one UserError line."""
     if not cfg.pretrained_model_name_or_path:
-        raise UserError("--pretrained_model_name_or_path is required (the SDXL base model folder or hub id)")
+        raise UserError("--pretrained_model_name_or_path is required (the base model folder or hub id)")
     if not (cfg.data_dir or cfg.dataset_name or cfg.train_data_dir):
         raise UserError("no training data: pass --data_dir (from convert_to_hf_dataset.py), "
                         "--dataset_name or --train_data_dir")

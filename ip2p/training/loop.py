@@ -23,7 +23,7 @@ import torch
 from tqdm.auto import tqdm
 
 from ip2p.errors import UserError
-from ip2p.models import instruct_pix2pix_pipeline, load_parts, vae_scale_factor
+from ip2p.models import describe_start, instruct_pix2pix_pipeline, load_parts, vae_scale_factor
 from ip2p.training import checkpoint as ckpt
 from ip2p.training.cache import cached_batch
 from ip2p.training.config import TrainConfig, silent_default_warnings, to_dict, write_resolved
@@ -155,6 +155,7 @@ def load_inputs(run: Run) -> None:
         print(f"warning: {warning}", file=sys.stderr, flush=True)
     run.num_pairs = len(hf_dataset)
     run.parts = parts = load_parts(cfg)
+    accelerator.print(f"model: {describe_start(parts)}")
     prepare_models(parts, cfg, device, weight_dtype)
     pairs = TrainPairs(hf_dataset, cfg, parts.tokenizers)
     if cfg.cache_latents:
@@ -246,7 +247,7 @@ def start_loop(run: Run) -> None:
     main, device = accelerator.is_main_process, accelerator.device
     run.validator = Validator(cfg, run.parts, run.validation_pairs, run.weight_dtype) if run.validation_pairs else None
     run.objective = Objective(run.parts.noise_scheduler, run.parts.vae.config.scaling_factor,
-                              cfg.conditioning_dropout_prob or 0.0)
+                              cfg.conditioning_dropout_prob or 0.0, run.parts.family.null_text(run.parts, device))
     run.bar = tqdm(total=run.max_steps, initial=state.global_step, disable=not main, desc="optimizer steps")
     run.loss_sum, run.micro_steps, run.t0 = torch.zeros((), device=device), 0, time.perf_counter()
 

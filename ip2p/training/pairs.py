@@ -23,7 +23,7 @@ from PIL import Image
 
 from ip2p.errors import UserError
 from ip2p.images import open_rgb, to_rgb
-from ip2p.models.family import token_key
+from ip2p.models.family import token_key, tokenize
 from ip2p.training.guards import ignore_signals_in_worker
 
 
@@ -171,11 +171,6 @@ def as_image(value) -> Image.Image:
     if isinstance(value, (str, bytes, Path)):
         return open_rgb(value)
     raise TypeError(f"cannot read an image from {type(value).__name__}")
-
-
-def tokenize(tokenizer, prompts: list[str]) -> torch.Tensor:
-    return tokenizer(prompts, padding="max_length", max_length=tokenizer.model_max_length,
-                     truncation=True, return_tensors="pt").input_ids
 
 
 @dataclass

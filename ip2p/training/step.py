@@ -30,11 +30,13 @@ def _randn(like: torch.Tensor) -> torch.Tensor:
 @dataclass(frozen=True)
 class Objective:
     """The fixed parts of the loss: the DDPM noise schedule (Ho et al. 2020), the VAE's latent
-    scale, and InstructPix2Pix's conditioning dropout (Brooks et al. 2023, 3.2.1)."""
+    scale, and InstructPix2Pix's conditioning dropout (Brooks et al. 2023, 3.2.1) with the text a
+    dropped instruction becomes (`ModelFamily.null_text`: None for zeros)."""
 
     noise_scheduler: object
     scaling_factor: float
     conditioning_dropout_prob: float = 0.0
+    null_text: tuple | None = None
 
 
 def forward_loss(unet, batch: EncodedBatch, objective: Objective) -> torch.Tensor:
@@ -54,7 +56,8 @@ def forward_loss(unet, batch: EncodedBatch, objective: Objective) -> torch.Tenso
         0, noise_scheduler.config.num_train_timesteps, (n,), device=latents.device).long()
     # 3. InstructPix2Pix conditioning dropout, one uniform draw per sample
     r = torch.rand(n, device=latents.device)
-    prompt_embeds, pooled, original = apply_conditioning_dropout(batch, r, objective.conditioning_dropout_prob)
+    prompt_embeds, pooled, original = apply_conditioning_dropout(batch, r, objective.conditioning_dropout_prob,
+                                                          objective.null_text)
     conditioning = dataclasses.replace(batch, original_latents=original, prompt_embeds=prompt_embeds,
                                        pooled_prompt_embeds=pooled)
     return denoising_loss(unet, noise_scheduler, latents, noise, timesteps, conditioning)

@@ -19,7 +19,7 @@ from PIL import Image
 from ip2p.errors import UserError
 from ip2p.grid import make_grid
 from ip2p.images import open_rgb, to_rgb
-from ip2p.models import instruct_pix2pix_pipeline
+from ip2p.models import instruct_pix2pix_pipeline, size_arguments
 from ip2p.training.pairs import resize_and_crop
 
 
@@ -92,7 +92,7 @@ class Validator:
             for photo, prompt in self.pairs:
                 photo = training_crop(photo, cfg.resolution)
                 outs = [self.pipeline(
-                    prompt, image=photo, height=cfg.resolution, width=cfg.resolution,
+                    prompt, image=photo, **size_arguments(self.pipeline, cfg.resolution, cfg.resolution),
                     num_inference_steps=cfg.validation_num_inference_steps,
                     guidance_scale=cfg.validation_guidance_scale,
                     image_guidance_scale=cfg.validation_image_guidance_scale, generator=generator,

@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from ip2p.tiny.sample_data import COLOURS, held_out_example, main, make_pairs
+from ip2p.tiny.sample_data import COLOURS, EDITS, held_out_example, main, make_pairs
 
 
 def as_array(image):
@@ -74,6 +74,18 @@ def test_the_edit_is_exactly_what_the_instruction_says(seed):
             assert np.array_equal(changed, shape)  # exactly the shape's pixels ...
             assert mask_of(pair.edited_image, new)[shape].all()  # ... now in the named colour
         assert colour_in(pair.output_caption.split(" on ")[0]) in pair.output_caption
+
+
+def test_remove_shape_turns_exactly_the_shapes_pixels_into_the_background():
+    """An edit the default set never draws, for continuing a trained editor on something new."""
+    for pair in make_pairs(30, 64, seed=1, edits=("remove_shape",)):
+        before, after = as_array(pair.input_image), as_array(pair.edited_image)
+        shape_colour = pair.input_caption.split(" on ")[0].split()[1]
+        shape = mask_of(pair.input_image, shape_colour)
+        assert np.array_equal((before != after).any(axis=-1), shape)  # only the shape's pixels change
+        assert not mask_of(pair.edited_image, shape_colour).any()  # ... and the shape's colour is gone
+        assert pair.edit_prompt.split()[-1] in pair.input_caption and " on " not in pair.output_caption
+    assert "remove_shape" not in EDITS  # never drawn by default
 
 
 def test_held_out_photo_is_not_a_training_input():

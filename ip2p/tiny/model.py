@@ -149,6 +149,8 @@ def build_tiny(output_dir: str | Path, family: str = "sdxl", seed: int = 0, inst
     torch.manual_seed(seed)
     tokenizer = make_tokenizer(pad_token="<|endoftext|>")  # as CLIP ViT-L's (SD 1.5, SDXL's first)
     bos, eos = tokenizer.convert_tokens_to_ids(list(SPECIAL_TOKENS))
+    # both encoders are drawn for every family, so the random stream (and the weights of the VAE
+    # and UNet) stay those of the tiny SDXL the golden losses were recorded on; SD 1.5 drops the second
     text_encoder, text_encoder_2 = _text_encoders(len(tokenizer), bos, eos, tokenizer.pad_token_id)
     vae = _vae()
     with torch.no_grad():

@@ -6,7 +6,8 @@
 Each pair is a coloured square or circle on a plain or two-tone background, and one edit:
 "make the square blue" (only the shape's pixels change), "turn the background black" (only the
 background's pixels change, to one plain colour) or "turn the square into a circle" (same place,
-size and colour). The edited image is exactly that change and nothing else, so the task is
+size and colour); `--edits remove_shape`, never drawn by default, adds "remove the square" (the
+shape's pixels become the background). The edited image is exactly that change and nothing else, so the task is
 learnable by a tiny model in minutes. `--edits` keeps only some of these kinds (the demo uses
 recolour_background alone, the quickest to learn). Colours are saturated, like the images the
 tiny VAE's scaling was calibrated on.
@@ -42,7 +43,10 @@ COLOURS = {
     "cyan": (30, 200, 210), "white": (245, 245, 245), "black": (20, 20, 20),
 }
 SHAPES = ("square", "circle")
+NO_SHAPE = "nothing"  # the shape of a scene whose shape was removed
 EDITS = ("recolour_shape", "recolour_background", "swap_shape")
+# Never drawn by default: an edit a first run has not seen, for the learning check's continued run.
+EXTRA_EDITS = ("remove_shape",)
 MANIFEST = "manifest.jsonl"
 HELD_OUT = "photo.png"
 
@@ -58,13 +62,17 @@ class Scene:
     box: tuple[int, int, int, int]  # the shape's bounding box, (x0, y0, x1, y1) inclusive
 
     def caption(self) -> str:
+        ground = self._ground()
+        return ground if self.shape == NO_SHAPE else f"{_a(self.colour)} {self.shape} on {ground}"
+
+    def _ground(self) -> str:
         if len(self.background) == 1:
             ground = f"{_a(self.background[0])} background"
         else:
             halves = ("left", "right") if self.split == "vertical" else ("top", "bottom")
             ground = f"a background split into {self.background[0]} ({halves[0]}) and " \
                      f"{self.background[1]} ({halves[1]})"
-        return f"{_a(self.colour)} {self.shape} on {ground}"
+        return ground
 
 
 def _a(word: str) -> str:
@@ -93,7 +101,7 @@ def render(scene: Scene, size: int) -> Image.Image:
         draw.rectangle(second, fill=COLOURS[scene.background[1]])
     if scene.shape == "square":
         draw.rectangle(scene.box, fill=COLOURS[scene.colour])
-    else:
+    elif scene.shape == "circle":
         draw.ellipse(scene.box, fill=COLOURS[scene.colour])
     return image
 
@@ -123,6 +131,9 @@ def random_edit(rng: random.Random, scene: Scene,
         template = rng.choice(("turn the background {c}", "make the background {c}",
                                "paint the background {c}"))
         return template.format(c=colour), _replace(scene, background=(colour,))
+    if kind == "remove_shape":
+        template = rng.choice(("remove the {s}", "take away the {s}", "erase the {s}"))
+        return template.format(s=scene.shape), _replace(scene, shape=NO_SHAPE)
     other = SHAPES[1 - SHAPES.index(scene.shape)]
     template = rng.choice(("turn the {s} into a {o}", "make the {s} a {o}",
                            "replace the {s} with a {o}"))
@@ -155,9 +166,9 @@ def held_out_example(size: int = 64, seed: int = 0, edits: tuple[str, ...] = EDI
 def check_edits(edits) -> tuple[str, ...]:
     """`edits` as a tuple of known kinds, in the order given; a UserError otherwise."""
     edits = tuple(edits)
-    unknown = [e for e in edits if e not in EDITS]
+    unknown = [e for e in edits if e not in EDITS + EXTRA_EDITS]
     if not edits or unknown:
-        raise UserError(f"edit kinds must be some of {', '.join(EDITS)}; "
+        raise UserError(f"edit kinds must be some of {', '.join(EDITS + EXTRA_EDITS)}; "
                         f"got {', '.join(edits) or 'none'}")
     return edits
 
@@ -195,7 +206,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--seed", type=int, default=0, help="same seed, same files (default: 0)")
     parser.add_argument("--edits", default=",".join(EDITS),
                         help=f"comma-separated edit kinds to draw from "
-                             f"(default: all, {','.join(EDITS)})")
+                             f"(default: {','.join(EDITS)}; also {','.join(EXTRA_EDITS)})")
     parser.add_argument("--overwrite", action="store_true",
                         help="replace an earlier sample set in --output_dir (other files are kept)")
     args = parser.parse_args(argv)

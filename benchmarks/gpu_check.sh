@@ -4,7 +4,7 @@
 #   bash benchmarks/gpu_check.sh                     # one CUDA GPU: the SDXL architecture at 1024, bf16
 #   bash benchmarks/gpu_check.sh --work_dir /scratch/gpu-check
 #   bash benchmarks/gpu_check.sh --tiny              # the same sequence on the CPU with the tiny model
-#   bash benchmarks/gpu_check.sh --only model,throughput,throughput_loop   # some checks only (the speed table)
+#   bash benchmarks/gpu_check.sh --only model,throughput,throughput_sd15,throughput_loop   # the speed table
 #
 # Checks, in order: model (the SDXL architecture with random weights in the hub layout,
 # python -m ip2p.tiny.sdxl_arch), data (synthetic pairs through convert_to_hf_dataset.py), train
@@ -15,7 +15,8 @@
 # GPU, when deepspeed imports), infer_bf16, infer_fp16 (the VAE upcast to fp32), infer_offload
 # (--enable_model_cpu_offload), throughput (benchmarks/throughput.py: the recipe's step with and
 # without checkpointing, with fused AdamW, both compiled, torchao's 8-bit AdamW when torchao
-# imports), throughput_loop (benchmarks/throughput.py --loop: ./train.sh with the recipe, the rate
+# imports), throughput_sd15 (the same step on SD 1.5's architecture at 512: its recipe, with checkpointing
+# and batch 16, beside the plain step), throughput_loop (benchmarks/throughput.py --loop: ./train.sh with the recipe, the rate
 # its progress bar shows) and pytest_gpu (python -m pytest tests/gpu -m gpu). Each prints one line,
 # `ok NAME key=value ...`, `FAIL NAME reason` or `skip NAME: reason`; a failed check does not stop
 # the others. The last line is `N passed, M failed, K skipped`; the exit code is 1 when any
@@ -47,7 +48,7 @@ while [[ $# -gt 0 ]]; do
 done
 
 all_checks=(model data train sigterm resume_ema fused_adamw deepspeed infer_bf16 infer_fp16 infer_offload
-            throughput throughput_loop pytest_gpu)
+            throughput throughput_sd15 throughput_loop pytest_gpu)
 for name in ${only//,/ }; do
   [[ " ${all_checks[*]} " == *" $name "* ]] \
     || { echo "error: --only: no check named $name (the checks: ${all_checks[*]})" >&2; exit 2; }
@@ -180,6 +181,7 @@ if [[ $tiny == yes ]]; then
   make_model=("$python" -m ip2p.tiny.model --output_dir "$model")
   variants=recipe,adamw  # recipe: the skipped row of 8-bit Adam on the CPU
   throughput=(--tiny --steps 2 --warmup 1 --num_samples 8 --loader_workers 0)
+  variants_sd15=adamw throughput_sd15=()
   throughput_loop=(--tiny --steps 4 --logging_steps 2)
   limit_model=300 limit_train=600 limit_step=300
 else
@@ -193,6 +195,8 @@ else
   # imports) compiles its step once per parameter shape; a full compile of the UNet would take minutes
   variants=recipe,recipe+ckpt,adamw,recipe+compile,adamw+compile
   throughput=(--steps 5 --warmup 2 --num_samples 8 --loader_workers 2)
+  # configs/sd15_512_8xa100.yaml as shipped is recipe+ckpt at 16 per GPU
+  variants_sd15=recipe+ckpt,recipe,adamw+ckpt throughput_sd15=(--batch_size 16 --num_samples 32)
   # one epoch of 8 optimizer steps; the first logging interval (compilation, warm-up) is left out
   throughput_loop=(--steps 8 --logging_steps 2)
   limit_model=300 limit_train=420 limit_step=300
@@ -403,14 +407,9 @@ check_infer_bf16() { infer bf16 bf16; }
 check_infer_fp16() { need_cuda; infer fp16 fp16; }
 check_infer_offload() { need_cuda; infer offload bf16 --enable_model_cpu_offload; }
 
-check_throughput() {
-  local v=$variants
-  if [[ $tiny == no ]] && "$python" -c "import torchao.optim" >/dev/null 2>&1; then v+=,torchao8bit; fi
-  bounded 540 "$python" benchmarks/throughput.py --variants "$v" "${throughput[@]}" \
-    --output_json "$work/throughput.jsonl"
-  local rc=$?
+throughput_figures() {  # throughput_figures JSONL RC ERROR: one figure per timed variant
   # the rows are written as they come: a run stopped part way still reports the variants it timed
-  verify "$work/throughput.jsonl" "$rc" "$(last_error)" <<'PY'
+  verify "$1" "$2" "$3" <<'PY'
 import json, sys
 rows = [json.loads(l) for l in open(sys.argv[1])]
 out = []
@@ -429,6 +428,20 @@ assert sys.argv[2] == "0", f"benchmarks/throughput.py exit {sys.argv[2]} ({sys.a
 assert out, f"no rows: {rows}"
 print(" ".join(out))
 PY
+}
+
+check_throughput() {
+  local v=$variants
+  if [[ $tiny == no ]] && "$python" -c "import torchao.optim" >/dev/null 2>&1; then v+=,torchao8bit; fi
+  bounded 540 "$python" benchmarks/throughput.py --variants "$v" "${throughput[@]}" \
+    --output_json "$work/throughput.jsonl"
+  throughput_figures "$work/throughput.jsonl" $? "$(last_error)"
+}
+
+check_throughput_sd15() {
+  bounded 420 "$python" benchmarks/throughput.py --family sd15 --variants "$variants_sd15" "${throughput[@]}" \
+    "${throughput_sd15[@]}" --output_json "$work/throughput_sd15.jsonl"
+  throughput_figures "$work/throughput_sd15.jsonl" $? "$(last_error)"
 }
 
 check_throughput_loop() {

@@ -2,6 +2,7 @@
 """Training throughput on the SDXL architecture (random weights): the trainer's step, or its whole loop.
 
     python benchmarks/throughput.py                      # SDXL at 1024, batch 4, bf16, on CUDA
+    python benchmarks/throughput.py --family sd15        # SD 1.5's architecture at 512 (the step only)
     python benchmarks/throughput.py --tiny               # the tiny model at 64, fp32, on the CPU
     python benchmarks/throughput.py --variants recipe,recipe+compile --steps 20
     python benchmarks/throughput.py --loop               # ./train.sh, the default recipe, 30 steps
@@ -73,6 +74,7 @@ from ip2p.training.pairs import TrainPairs, load_hf_dataset, make_dataloader  # 
 from ip2p.training.encode import OnTheFlyEncoder  # noqa: E402
 from ip2p.errors import UserError  # noqa: E402
 from ip2p.method import expand_conv_in  # noqa: E402
+from ip2p.tiny.sd15_arch import sd15_unet  # noqa: E402
 from ip2p.tiny.sdxl_arch import sdxl_unet  # noqa: E402
 from ip2p.training.step import Objective, forward_loss, train_micro_step  # noqa: E402
 from ip2p.tiny.model import tiny_unet  # noqa: E402
@@ -129,19 +131,27 @@ def synthetic_pairs(folder: Path, n: int, size: int) -> Path:
     return folder
 
 
-def load_model_parts(tiny: bool, workdir: Path, device):
-    if tiny:
+def load_model_parts(args, workdir: Path, device):
+    if args.tiny:
         from ip2p.models import load_parts
-        from ip2p.tiny.model import build_tiny_sdxl
+        from ip2p.tiny.model import build_tiny
 
-        path = build_tiny_sdxl(workdir / "tiny-sdxl")
+        path = build_tiny(workdir / f"tiny-{args.family}", args.family)
         return load_parts(SimpleNamespace(pretrained_model_name_or_path=str(path), revision=None, variant=None,
                                           pretrained_vae_model_name_or_path=None))
+    from ip2p.tiny.sd15_arch import sd15_parts
     from ip2p.tiny.sdxl_arch import sdxl_parts
 
     # the encoders are made on the GPU (seconds, not minutes of random init on the CPU) and moved to
     # the CPU between uses; each variant makes its own UNet
-    return sdxl_parts(device, with_unet=False)
+    return (sdxl_parts if args.family == "sdxl" else sd15_parts)(device, with_unet=False)
+
+
+def unet_factory(args, device):
+    """A fresh base UNet of the family (each variant widens and trains its own)."""
+    if args.tiny:
+        return lambda: tiny_unet(args.family)
+    return (lambda: sdxl_unet(device)) if args.family == "sdxl" else (lambda: sd15_unet(device))
 
 
 def model_flops_per_step(unet, batch, parts) -> float:
@@ -257,7 +267,7 @@ def run_steps(args, names: list[str], cuda: bool) -> None:
     device, dtype = accelerator.device, DTYPES[args.mixed_precision]
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
-        parts = load_model_parts(args.tiny, tmp, device)
+        parts = load_model_parts(args, tmp, device)
         for m in parts.encoders:
             m.requires_grad_(False).eval()
         if dtype != torch.float32:
@@ -283,7 +293,7 @@ def run_steps(args, names: list[str], cuda: bool) -> None:
                                           persistent_workers=True)
         data = {"cache_loader": cache_loader, "pixel_loader": pixel_loader, "dtype": dtype,
                 "encoder": OnTheFlyEncoder(parts, args.resolution, dtype),
-                "unet_factory": tiny_unet if args.tiny else (lambda: sdxl_unet(device))}
+                "unet_factory": unet_factory(args, device)}
         # model FLOPs: one plain forward + backward (no checkpointing) on a fresh UNet
         probe = expand_conv_in(data["unet_factory"](), 8).to(device).train()
         batch = cached_batch({k: v.to(device) for k, v in next(iter(cache_loader)).items()}, device, dtype)
@@ -292,7 +302,7 @@ def run_steps(args, names: list[str], cuda: bool) -> None:
         del probe
         gc.collect()
         peak = gpu_peak_flops(device)
-        emit({"variant": "cache_build", "samples_per_s": num_samples / build_s,
+        emit({"variant": "cache_build", "family": args.family, "samples_per_s": num_samples / build_s,
               "model_tflop_per_sample": flops / args.batch_size / 1e12}, args.output_json)
         for name in names:
             emit(run_variant(name, VARIANTS[name], accelerator, parts, data, args, flops, peak), args.output_json)
@@ -303,7 +313,9 @@ def run_steps(args, names: list[str], cuda: bool) -> None:
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--tiny", action="store_true", help="the tiny model on the CPU (64, fp32)")
-    parser.add_argument("--resolution", type=int, default=None, help="default 1024 (tiny: 64)")
+    parser.add_argument("--family", choices=("sdxl", "sd15"), default="sdxl",
+                        help="the architecture: SDXL (default) or SD 1.5 (the step only, not --loop)")
+    parser.add_argument("--resolution", type=int, default=None, help="default 1024, SD 1.5 512 (tiny: 64)")
     parser.add_argument("--batch_size", type=int, default=4, help="the step's batch (--loop: the recipe's)")
     parser.add_argument("--steps", type=int, default=None,
                         help="timed steps per variant (default 10); --loop: optimizer steps of the run (default 30)")
@@ -335,7 +347,7 @@ def main(argv=None) -> int:
     args = parser.parse_args(argv)
 
     cuda = torch.cuda.is_available() and not args.tiny
-    args.resolution = args.resolution or (64 if args.tiny else 1024)
+    args.resolution = args.resolution or (64 if args.tiny else 1024 if args.family == "sdxl" else 512)
     args.mixed_precision = args.mixed_precision or ("bf16" if cuda else "no")
     if args.output_json:
         Path(args.output_json).write_text("")
@@ -349,6 +361,8 @@ def main(argv=None) -> int:
         run_steps(args, names, cuda)
         return 0
     args.steps = args.steps or 30
+    if args.family != "sdxl":
+        parser.error("--loop times the SDXL recipe; --family sd15 times the step")
     if args.steps < 2 * args.logging_steps:
         parser.error("--loop needs --steps of 2 x --logging_steps at least: the first interval holds the warm-up")
     if not cuda and not args.tiny:

@@ -56,6 +56,15 @@ def test_step_variants_one_row_each_and_compiling_changes_no_loss(tmp_path):
     assert positive(rows["cache_loader_only"]["samples_per_s"])
 
 
+
+def test_the_sd15_step_is_timed_on_its_own_family():
+    proc = throughput("--family", "sd15", "--steps", "1", "--warmup", "1", "--num_samples", "8",
+                      "--loader_workers", "0", "--variants", "adamw")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    rows = {r["variant"]: r for r in (json.loads(x) for x in proc.stdout.splitlines() if x.startswith("{"))}
+    assert rows["cache_build"]["family"] == "sd15" and positive(rows["adamw"]["samples_per_s"])
+    assert positive(rows["adamw"]["last_loss"]) and rows["adamw"]["resolution"] == 64
+
 def test_loop_times_train_sh_with_the_flags_given(tmp_path):
     out = tmp_path / "loop.jsonl"
     proc = throughput("--loop", "--steps", "4", "--logging_steps", "2", "--output_json", out,

@@ -47,17 +47,24 @@ def sdxl_vae(device="cpu"):
         )
 
 
+CLIP_IDS = dict(vocab_size=49408, max_position_embeddings=77, bos_token_id=49406, eos_token_id=49407, pad_token_id=49407)
+
+
+def clip_l_config():
+    """OpenAI's CLIP ViT-L/14 text encoder: SDXL's first, SD 1.5's only."""
+    from transformers import CLIPTextConfig
+
+    return CLIPTextConfig(hidden_size=768, intermediate_size=3072, num_attention_heads=12, num_hidden_layers=12,
+                          projection_dim=768, hidden_act="quick_gelu", **CLIP_IDS)
+
+
 def sdxl_text_encoders(device="cpu"):
     from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
 
-    common = dict(vocab_size=49408, max_position_embeddings=77, bos_token_id=49406, eos_token_id=49407,
-                  pad_token_id=49407)
-    clip_l = CLIPTextConfig(hidden_size=768, intermediate_size=3072, num_attention_heads=12, num_hidden_layers=12,
-                            projection_dim=768, hidden_act="quick_gelu", **common)
     big_g = CLIPTextConfig(hidden_size=1280, intermediate_size=5120, num_attention_heads=20, num_hidden_layers=32,
-                           projection_dim=1280, hidden_act="gelu", **common)
+                           projection_dim=1280, hidden_act="gelu", **CLIP_IDS)
     with torch.device(device):
-        return CLIPTextModel(clip_l), CLIPTextModelWithProjection(big_g)
+        return CLIPTextModel(clip_l_config()), CLIPTextModelWithProjection(big_g)
 
 
 def sdxl_parts(device="cpu", with_unet: bool = True) -> ModelParts:

@@ -8,8 +8,9 @@ background, swap square and circle; the instruction fully determines the edit), 
 kit's own entry points:
 
   1. edit pairs -> convert_to_hf_dataset.py --val_fraction 0.15 (a held-out split);
-  2. python -m ip2p.tiny.model --family F (a tiny SDXL by default, or SD 1.5), whose random VAE is then fitted for a few minutes on the training
-     images (ip2p.tiny.learning.fit_vae: a random VAE scrambles images, see the design notes);
+  2. python -m ip2p.tiny.model --family F (a tiny SDXL by default, or SD 1.5), whose random VAE is
+     then fitted for a few minutes on the training images (ip2p.tiny.learning.fit_vae: a random
+     VAE scrambles images, see the design notes);
   3. train_instruct_pix2pix_sdxl.py --config configs/tiny_cpu.yaml with a larger batch, a cosine
      schedule and EMA (the flags are in the summary's train_command); it logs the held-out
      denoising loss with the right instruction, a wrong one and no photo (logs/heldout.jsonl);
@@ -93,7 +94,8 @@ def check_edits(pipeline_dir: Path, data: Path, n: int, seed: int) -> dict:
 
     held = datasets.load_from_disk(str(data))["validation"]
     held = held.select(range(min(n, len(held))))
-    pipe = DiffusionPipeline.from_pretrained(pipeline_dir, local_files_only=True)  # the class its model_index.json names
+    # the pipeline class its model_index.json names (either family)
+    pipe = DiffusionPipeline.from_pretrained(pipeline_dir, local_files_only=True)
     pipe.set_progress_bar_config(disable=True)
     return edit_errors(pipe, list(held["input_image"]), list(held["edit_prompt"]),
                        list(held["edited_image"]), Sampling(seed=seed))

@@ -17,8 +17,9 @@ from ip2p.models.sdxl import SDXL
 
 FAMILIES: dict[str, ModelFamily] = {f.name: f for f in (SDXL(), StableDiffusion())}
 
-__all__ = ["FAMILIES", "DetectedModel", "ModelFamily", "ModelParts", "detect_family", "inference_scheduler",
-           "describe_start", "instruct_pix2pix_pipeline", "load_parts", "pipeline_family", "size_arguments", "takes_output_size", "token_key", "tokenize", "vae_scale_factor"]
+__all__ = ["FAMILIES", "DetectedModel", "ModelFamily", "ModelParts", "describe_start", "detect_family",
+           "inference_scheduler", "instruct_pix2pix_pipeline", "load_parts", "pipeline_family", "size_arguments",
+           "takes_output_size", "token_key", "tokenize", "vae_scale_factor"]
 
 
 def detect_family(path: str, revision: str | None = None) -> DetectedModel:

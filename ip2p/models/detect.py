@@ -24,10 +24,6 @@ class DetectedModel:
     family: ModelFamily
     unet_in_channels: int  # 4: a base model; 8: already InstructPix2Pix
 
-    @property
-    def is_instruct_pix2pix(self) -> bool:
-        return self.unet_in_channels == 8
-
 
 def present_components(index: dict) -> set[str]:
     """The components model_index.json lists with a class (the refiner lists text_encoder as null)."""

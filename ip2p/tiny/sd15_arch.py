@@ -27,14 +27,9 @@ def sd15_unet(device="cpu"):
 
 
 def sd15_vae(device="cpu"):
-    from diffusers import AutoencoderKL
+    from ip2p.tiny.sdxl_arch import sdxl_vae
 
-    with torch.device(device):
-        return AutoencoderKL(
-            in_channels=3, out_channels=3, latent_channels=4, sample_size=512, layers_per_block=2,
-            block_out_channels=(128, 256, 512, 512), down_block_types=("DownEncoderBlock2D",) * 4,
-            up_block_types=("UpDecoderBlock2D",) * 4, scaling_factor=0.18215,
-        )
+    return sdxl_vae(device, scaling_factor=0.18215, sample_size=512)
 
 
 def sd15_parts(device="cpu", with_unet: bool = True) -> ModelParts:

@@ -36,18 +36,20 @@ def sdxl_unet(device="cpu"):
         )
 
 
-def sdxl_vae(device="cpu"):
+def sdxl_vae(device="cpu", scaling_factor: float = 0.13025, sample_size: int = 1024):
+    """SDXL's VAE; SD 1.5's has the same architecture, with its own scaling factor and size."""
     from diffusers import AutoencoderKL
 
     with torch.device(device):
         return AutoencoderKL(
-            in_channels=3, out_channels=3, latent_channels=4, sample_size=1024, layers_per_block=2,
+            in_channels=3, out_channels=3, latent_channels=4, sample_size=sample_size, layers_per_block=2,
             block_out_channels=(128, 256, 512, 512), down_block_types=("DownEncoderBlock2D",) * 4,
-            up_block_types=("UpDecoderBlock2D",) * 4, scaling_factor=0.13025, force_upcast=True,
+            up_block_types=("UpDecoderBlock2D",) * 4, scaling_factor=scaling_factor, force_upcast=True,
         )
 
 
-CLIP_IDS = dict(vocab_size=49408, max_position_embeddings=77, bos_token_id=49406, eos_token_id=49407, pad_token_id=49407)
+CLIP_IDS = dict(vocab_size=49408, max_position_embeddings=77, bos_token_id=49406, eos_token_id=49407,
+                pad_token_id=49407)
 
 
 def clip_l_config():

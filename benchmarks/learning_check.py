@@ -2,6 +2,7 @@
 
     python benchmarks/learning_check.py [--output_dir DIR] [--family sdxl|sd15] [--num_pairs 2400]
                                         [--vae_steps 500] [--train_steps 12000] [--eval_pairs 64] [--seed 0]
+                                        [--lora_rank 8 [--lora_alpha 8]]
 
 On the demo's synthetic task (python -m ip2p.tiny.sample_data: recolour the shape, recolour the
 background, swap square and circle; the instruction fully determines the edit), all through the
@@ -18,6 +19,9 @@ kit's own entry points:
      (ip2p.tiny.learning.edit_errors), compared with the ground truth and with copying the photo;
   5. the trained UNet's one-step denoised estimates at fixed noise levels, beside the best
      estimate that takes the photo for the edit (ip2p.tiny.learning.denoised_errors).
+
+With --lora_rank the trainer trains LoRA adapters on the frozen tiny UNet (and its widened
+conv_in) instead of the whole UNet; everything after reads the merged pipeline it saves.
 
 "learns" is true when, at the end: the held-out loss is lower with the right instruction than
 with a wrong one and than without the photo (by 2% each); at t=900 (98.6% of the variance is
@@ -79,7 +83,8 @@ def train_cmd(a, model: Path, data: Path, out: Path) -> list[str]:
             "--train_batch_size", str(a.train_batch_size), "--learning_rate", str(a.learning_rate),
             "--lr_scheduler", "cosine", "--use_ema", "--ema_decay", str(a.ema_decay),
             "--validation_steps", str(a.validation_steps), "--checkpointing_steps", "1000000",
-            "--report_to", "none", "--seed", str(a.seed)]
+            "--report_to", "none", "--seed", str(a.seed),
+            *(["--lora_rank", str(a.lora_rank), "--lora_alpha", str(a.lora_alpha or a.lora_rank)] if a.lora_rank else [])]
 
 
 def read_curve(out: Path) -> list[dict]:
@@ -183,6 +188,9 @@ def parse_args(argv):
                    help="held-out loss every N steps (the curve in the summary)")
     p.add_argument("--eval_pairs", type=int, default=64, help="held-out pairs to edit at the end")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--lora_rank", type=int, default=0,
+                   help="train LoRA adapters of this rank (+ the widened conv_in) instead of the whole UNet")
+    p.add_argument("--lora_alpha", type=float, default=None, help="with --lora_rank (default: the rank)")
     p.add_argument("--continue_from", default=None,
                    help="an earlier check's --output_dir: continue its trained pipeline on --edits pairs")
     p.add_argument("--edits", default="recolour_shape,recolour_background,swap_shape",

@@ -69,7 +69,8 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from ip2p.training.cache import CacheBuild, CachedPairs, LatentCache, build_cache, cache_key, cached_batch  # noqa: E402
-from ip2p.training.config import parse_config  # noqa: E402
+from ip2p.training.config import LORA_TARGETS, parse_config  # noqa: E402
+from ip2p.training.lora import LoraSettings, attach_lora, cast_frozen  # noqa: E402
 from ip2p.training.pairs import TrainPairs, load_hf_dataset, make_dataloader  # noqa: E402
 from ip2p.training.encode import OnTheFlyEncoder  # noqa: E402
 from ip2p.errors import UserError  # noqa: E402
@@ -86,6 +87,7 @@ class Variant(NamedTuple):
     optimizer: str  # as --optimizer names it
     gradient_checkpointing: bool
     compile: str  # none | regional | full (--torch_compile_mode)
+    lora_rank: int = 0  # --lora_rank: adapters on a frozen UNet (frozen weights in the mixed-precision dtype)
 
 
 VARIANTS = {
@@ -100,6 +102,9 @@ VARIANTS = {
     "torchao8bit": Variant("cache", "adamw8bit_torchao", False, "none"),
     "on_the_fly": Variant("on_the_fly", "adamw", False, "none"),
     "on_the_fly+recipe": Variant("on_the_fly", "adamw8bit", False, "none"),
+    "lora_24gb": Variant("cache", "adamw", True, "none", 16),  # configs/sdxl_1024_lora_24gb.yaml's step
+    "lora": Variant("cache", "adamw", False, "none", 16),
+    "lora+compile": Variant("cache", "adamw", False, "regional", 16),
 }
 DENSE_BF16_PEAK = {"H100": 989.4e12, "H200": 989.4e12, "A100": 312e12, "L40S": 362e12}
 
@@ -182,6 +187,10 @@ def run_variant(name: str, spec: Variant, accelerator, parts, data, args, flops_
     torch._dynamo.reset()  # each compiled variant pays its compilation, as a fresh run does
     torch.manual_seed(0)  # the same UNet, noise and timesteps in every variant
     unet = expand_conv_in(data["unet_factory"](), 8).to(device)
+    if spec.lora_rank:  # as the trainer's prepare_models does
+        settings = LoraSettings(spec.lora_rank, float(spec.lora_rank), 0.0, tuple(LORA_TARGETS.split(",")), False)
+        attach_lora(unet, settings, widened=True)
+        cast_frozen(unet, data["dtype"])
     unet.train()
     if spec.gradient_checkpointing:
         unet.enable_gradient_checkpointing()
@@ -190,7 +199,7 @@ def run_variant(name: str, spec: Variant, accelerator, parts, data, args, flops_
     opt_cfg = SimpleNamespace(optimizer=spec.optimizer, use_8bit_adam=False, adam_beta1=0.9, adam_beta2=0.999,
                               adam_weight_decay=1e-2, adam_epsilon=1e-8)
     try:
-        optimizer = make_optimizer(opt_cfg, unet.parameters(), 1e-6, device)
+        optimizer = make_optimizer(opt_cfg, [p for p in unet.parameters() if p.requires_grad], 1e-6, device)
     except UserError as e:  # a missing package: bitsandbytes, torchao
         return {"variant": name, "skipped": str(e)}
     if spec.compile != "none":

@@ -242,6 +242,10 @@ class InferenceArgs:
                                                "(small GPUs; slower)")
     vae_path: str | None = flag(None, "a VAE to use instead (a folder with config.json, or a "
                                     "pipeline folder with vae/), e.g. an fp16-safe one")
+    lora: str | None = flag(None, "a LoRA run's output folder (pytorch_lora_weights.safetensors, and "
+                                "conv_in.safetensors when it trained one): applied to --model_path, which "
+                                "may then be the 4-channel base the adapter was trained on")
+    lora_scale: float = flag(1.0, "strength of the --lora adapter (conv_in, a whole weight, is not scaled)")
 
 
 DEFAULT_CLIP = "openai/clip-vit-large-patch14"  # InstructPix2Pix's ViT-L/14

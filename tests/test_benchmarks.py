@@ -57,6 +57,28 @@ def test_step_variants_one_row_each_and_compiling_changes_no_loss(tmp_path):
 
 
 
+def test_the_lora_step_trains_only_the_adapters_of_the_24gb_recipe(tmp_path):
+    proc = throughput("--steps", "1", "--warmup", "1", "--num_samples", "8", "--loader_workers", "0",
+                      "--variants", "lora_24gb")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    row = next(json.loads(x) for x in proc.stdout.splitlines() if '"lora_24gb"' in x)
+    assert (row["lora_rank"], row["gradient_checkpointing"], row["optimizer"]) == (16, True, "adamw")
+    assert all(positive(row[k]) for k in ("samples_per_s", "step_ms", "last_loss")), row
+
+
+def test_lora_checkpoint_benchmark_counts_what_trains_and_weighs_the_checkpoint():
+    proc = run_in_session([sys.executable, "benchmarks/lora_checkpoint.py", "--tiny", "--rank", "4"], timeout=300,
+                          cwd=ROOT)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    row = json.loads(proc.stdout.splitlines()[-1])
+    assert 0 < row["conv_in_params"] < row["trained_params"] < row["unet_params"] / 5
+    files = row["checkpoint_files"]
+    assert "trainable_weights.safetensors" in files and "model.safetensors" not in files
+    # fp32 tensors plus the safetensors header (the names: a tenth of the tiny file, nothing for SDXL's)
+    assert 4 * row["trained_params"] <= files["trainable_weights.safetensors"] <= 1.2 * 4 * row["trained_params"]
+    assert row["checkpoint_bytes"] < row["full_finetune_checkpoint_bytes"] / 3
+
+
 def test_the_sd15_step_is_timed_on_its_own_family():
     proc = throughput("--family", "sd15", "--steps", "1", "--warmup", "1", "--num_samples", "8",
                       "--loader_workers", "0", "--variants", "adamw")

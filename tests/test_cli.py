@@ -27,7 +27,7 @@ ABBREVIATED = {
     "evaluate.py": ("--grid_sample", "2"),
 }
 TRAIN_SECTIONS = ["model", "data", "resolution and augmentation", "optimisation", "precision and memory",
-                  "latent cache", "checkpoints and resume", "validation", "logging and hub",
+                  "latent cache", "LoRA", "checkpoints and resume", "validation", "logging and hub",
                   "accepted for compatibility"]
 
 

@@ -3,7 +3,7 @@
 import pytest
 import yaml
 
-from ip2p.training.config import RESOLVED_CONFIG_NAME, check_config, parse_config, write_resolved
+from ip2p.training.config import RESOLVED_CONFIG_NAME, TrainConfig, check_config, parse_config, write_resolved
 from ip2p.errors import UserError
 
 # Every flag of diffusers' examples/instruct_pix2pix/train_instruct_pix2pix_sdxl.py.
@@ -51,7 +51,7 @@ def test_recipe_sets_defaults_and_the_command_line_wins(tmp_path):
 
 
 RECIPES = ("configs/sdxl_1024_8xa100.yaml", "configs/sd15_512_8xa100.yaml", "configs/continue_ip2p_512.yaml",
-           "configs/tiny_cpu.yaml")
+           "configs/sdxl_1024_lora_24gb.yaml", "configs/sd15_512_lora_24gb.yaml", "configs/tiny_cpu.yaml")
 
 
 def test_shipped_recipes_parse():
@@ -68,6 +68,10 @@ def test_shipped_recipes_parse():
     # no gradient checkpointing: 52 GiB per GPU measured at batch 4 (see the recipe's comment)
     assert (cfg.resolution, cfg.mixed_precision, cfg.use_8bit_adam, cfg.gradient_checkpointing) == (1024, "bf16", True, False)
     assert cfg.logging_steps == 10 and not cfg.torch_compile and cfg.torch_compile_mode == "regional"
+    for name in ("configs/sdxl_1024_lora_24gb.yaml", "configs/sd15_512_lora_24gb.yaml"):
+        lora = parse_config(["--config", name])
+        assert lora.lora_rank == 16 and lora.gradient_checkpointing and lora.mixed_precision == "bf16"
+        assert lora.save_merged and lora.lora_target_modules == TrainConfig().lora_target_modules
     assert (cfg.use_ema, cfg.conditioning_dropout_prob, cfg.learning_rate, cfg.lr_scheduler) == (False, 0.05, 5e-6, "constant")
 
 

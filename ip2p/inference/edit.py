@@ -25,6 +25,7 @@ from ip2p.errors import UserError
 from ip2p.grid import make_grid
 from ip2p.images import open_rgb
 from ip2p.models import FAMILIES, ModelFamily, pipeline_family, size_arguments, takes_output_size
+from ip2p.training.lora import ADAPTER_FILE, CONV_IN_FILE, apply_adapter
 
 TRAINING_CONFIG = "training_config.yaml"
 SAVE_OPTIONS = {"JPEG": {"quality": 95}, "WEBP": {"quality": 95}}  # PIL's default 75 shows blocks
@@ -215,10 +216,22 @@ def vae_config_path(vae_path: Path) -> Path:
     raise UserError(f"--vae_path {vae_path}: no config.json there or in {vae_path / 'vae'}")
 
 
-def inspect_model(model_path: Path, vae_path: Path | None = None) -> ModelInfo:
-    """Check the folder is an InstructPix2Pix pipeline of a supported family from its JSON configs alone."""
+def check_lora_folder(lora: Path) -> bool:
+    """--lora: the folder holds an adapter; returns whether it holds a trained conv_in too."""
+    if not (lora / ADAPTER_FILE).is_file():
+        raise UserError(f"--lora {lora}: no {ADAPTER_FILE} there; pass the output folder of a run with --lora_rank")
+    return (lora / CONV_IN_FILE).is_file()
+
+
+def inspect_model(model_path: Path, vae_path: Path | None = None, lora: Path | None = None) -> ModelInfo:
+    """Check the folder is an InstructPix2Pix pipeline of a supported family from its JSON configs
+    alone (with --lora, a base too when the adapter brings its widened conv_in)."""
     if not model_path.is_dir():
         raise UserError(f"model folder not found: {model_path}")
+    if not (model_path / "model_index.json").is_file() and (model_path / ADAPTER_FILE).is_file():
+        raise UserError(f"{model_path} holds a LoRA adapter, not a pipeline: pass the base it was trained on as "
+                        f"--model_path and --lora {model_path}")
+    widens = check_lora_folder(lora) if lora else False
     index = read_json(model_path / "model_index.json", "--model_path must be a diffusers "
                       "pipeline folder (the trainer's final --output_dir)")
     family = pipeline_family(index)
@@ -229,10 +242,13 @@ def inspect_model(model_path: Path, vae_path: Path | None = None) -> ModelInfo:
     unet_json = model_path / "unet" / "config.json"
     unet = read_json(unet_json, "the pipeline has no UNet config")
     channels = unet.get("in_channels")
-    if channels == 4:
+    if channels == 4 and lora and not widens:
+        raise UserError(f"--lora {lora} has no {CONV_IN_FILE}: it was trained on an InstructPix2Pix pipeline, "
+                        f"while {model_path} is a 4-channel base; pass that pipeline as --model_path")
+    if channels == 4 and not widens:
         raise UserError(f"{unet_json}: unet has 4 input channels; this is a base model, not a "
                         "trained InstructPix2Pix pipeline")
-    if channels != 8:
+    if channels not in (4, 8):
         raise UserError(f"{unet_json}: unet has {channels} input channels; an InstructPix2Pix "
                         "UNet has 8 (4 noisy latent + 4 input-photo latent)")
     vae_json = vae_config_path(vae_path) if vae_path else model_path / "vae" / "config.json"
@@ -242,7 +258,7 @@ def inspect_model(model_path: Path, vae_path: Path | None = None) -> ModelInfo:
         path=model_path, family=family, vae_scale_factor=scale,
         size_multiple=scale * 2 ** (len(unet["down_block_types"]) - 1),
         native_resolution=unet["sample_size"] * scale,
-        trained_resolution=read_trained_resolution(model_path),
+        trained_resolution=read_trained_resolution(lora or model_path) or read_trained_resolution(model_path),
     )
 
 
@@ -273,9 +289,18 @@ def pick_device(device: str | None, dtype: str | None) -> tuple[torch.device, to
     return dev, torch.float16 if dev.type == "mps" else torch.float32
 
 
+@dataclass
+class Adapter:
+    """inference.py --lora: the folder and its strength."""
+
+    folder: Path
+    scale: float = 1.0
+
+
 def load_pipeline(info: ModelInfo, device: torch.device, dtype: torch.dtype,
-                  vae_path: Path | None = None, cpu_offload: bool = False):
-    """The family's InstructPix2Pix pipeline from local files only, on `device` in `dtype`."""
+                  vae_path: Path | None = None, cpu_offload: bool = False, adapter: Adapter | None = None):
+    """The family's InstructPix2Pix pipeline from local files only, on `device` in `dtype`; with an
+    adapter, applied there, sampled with Euler as a LoRA run's merged pipeline is."""
     import diffusers
     from diffusers import AutoencoderKL
 
@@ -291,6 +316,11 @@ def load_pipeline(info: ModelInfo, device: torch.device, dtype: torch.dtype,
     except OSError as e:  # missing weight files and the like
         raise UserError(f"could not load the pipeline in {info.path}: {str(e).splitlines()[0]}") \
             from None
+    if adapter is not None:
+        from diffusers import EulerDiscreteScheduler
+
+        apply_adapter(pipe, adapter.folder, adapter.scale)
+        pipe.scheduler = EulerDiscreteScheduler.from_config(pipe.scheduler.config)
     if cpu_offload:
         pipe.enable_model_cpu_offload(device=device)
     else:
@@ -390,10 +420,11 @@ def run(args: InferenceArgs) -> int:
     axes = guidance_axes(args)
     check_jobs(jobs)
     vae_path = Path(args.vae_path) if args.vae_path else None
-    info = inspect_model(Path(args.model_path), vae_path)
+    adapter = Adapter(Path(args.lora), args.lora_scale) if args.lora else None
+    info = inspect_model(Path(args.model_path), vae_path, adapter.folder if adapter else None)
     long_side = args.resolution or info.trained_resolution or info.native_resolution
     device, dtype = pick_device(args.device, args.dtype)
-    pipe = load_pipeline(info, device, dtype, vae_path, args.enable_model_cpu_offload)
+    pipe = load_pipeline(info, device, dtype, vae_path, args.enable_model_cpu_offload, adapter)
     pipe.set_progress_bar_config(disable=len(jobs) > 1 or axes is not None)
     sizes = edit_all(pipe, jobs, args, long_side, info.size_multiple, axes)
     what = "sweep grid" if axes else "edit"

@@ -60,7 +60,7 @@ def _load(what: str, fn, *args, **kwargs):
 def load_parts(cfg) -> ModelParts:
     """Tokenizers, text encoders, VAE (or --pretrained_vae_model_name_or_path), UNet and the DDPM
     training schedule of the family found at --pretrained_model_name_or_path."""
-    from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
+    from diffusers import AutoencoderKL, DDPMScheduler
     from transformers import AutoTokenizer
 
     base = cfg.pretrained_model_name_or_path
@@ -82,12 +82,20 @@ def load_parts(cfg) -> ModelParts:
         vae = _load("VAE", AutoencoderKL.from_pretrained, vae_path, subfolder=sub, **weights)
     else:
         vae = _load("VAE", AutoencoderKL.from_pretrained, base, subfolder="vae", **weights)
-    unet = _load("UNet", UNet2DConditionModel.from_pretrained, base, subfolder="unet", **weights)
+    unet = load_unet(cfg)
     sched = _load("noise scheduler", DDPMScheduler.from_pretrained, base, subfolder="scheduler", **common)
     parts = ModelParts(family, tuple(tokenizers), tuple(text_encoders), vae, unet, sched)
     if problem := family.check_parts(parts):
         raise UserError(f"{base}: {problem}")
     return parts
+
+
+def load_unet(cfg):
+    """The starting point's UNet, in fp32 as stored (a LoRA run's merged save loads it again)."""
+    from diffusers import UNet2DConditionModel
+
+    return _load("UNet", UNet2DConditionModel.from_pretrained, cfg.pretrained_model_name_or_path, subfolder="unet",
+                 revision=cfg.revision, variant=cfg.variant)
 
 
 def inference_scheduler(base: str, revision: str | None = None):

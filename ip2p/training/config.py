@@ -26,6 +26,9 @@ from ip2p.errors import UserError
 
 SECRET_FIELDS = ("hub_token",)
 RESOLVED_CONFIG_NAME = "training_config.yaml"
+# Attention (self and cross) and feed-forward projections of every transformer block: where the
+# text and the image meet. The resnets' convolutions are left to conv_in's full update.
+LORA_TARGETS = "to_q,to_k,to_v,to_out.0,ff.net.0.proj,ff.net.2"
 SHARD_SIZE = 256  # samples per latent-cache shard file, unless --latent_cache_shard_size says otherwise
 
 
@@ -42,6 +45,7 @@ _memory = _section("precision and memory")
 _cache = _section("latent cache")
 _checkpoints = _section("checkpoints and resume")
 _validation = _section("validation")
+_lora = _section("LoRA")
 _logging = _section("logging and hub")
 _compat = _section("accepted for compatibility")
 
@@ -134,6 +138,20 @@ class TrainConfig:
         None, "(kit) where the latent cache lives (default: OUTPUT_DIR/latent_cache); share it between runs")
     latent_cache_shard_size: int = _cache(SHARD_SIZE, "(kit) samples per latent-cache shard file (the unit of work split "
                                                "across processes and of resuming a build)")
+
+    lora_rank: int = _lora(0, "(kit) train LoRA adapters of this rank on a frozen UNet instead of the whole UNet "
+                              "(0: full fine-tuning); see the README's LoRA section")
+    lora_alpha: Optional[float] = _lora(None, "(kit) LoRA scale numerator: the update is (alpha / rank) B A; "
+                                              "default: the rank (a scale of 1, as diffusers' LoRA scripts)")
+    lora_dropout: float = _lora(0.0, "(kit) dropout on the adapters' input")
+    lora_target_modules: str = _lora(
+        LORA_TARGETS, "(kit) comma-separated UNet module names that get adapters: every attention projection "
+                      "(self and cross) and both feed-forward projections of each transformer block")
+    train_conv_in: bool = _lora(False, "(kit) with --lora_rank, also train conv_in in full when starting from an "
+                                       "InstructPix2Pix pipeline (a widened 4-channel base always trains it)")
+    save_merged: bool = _lora(True, "(kit) with --lora_rank, also save the merged InstructPix2Pix pipeline "
+                                    "(inference.py and evaluate.py read it as any run's); false: only the adapter",
+                              no_help="(kit) with --lora_rank, save only the adapter (and conv_in)")
 
     output_dir: str = _checkpoints("instruct-pix2pix-model", "checkpoints, logs, validation images and the final "
                                                              "pipeline")
@@ -296,10 +314,31 @@ def check_config(cfg: TrainConfig) -> None:
     if cfg.hub_token and ("wandb" in cfg.report_to or cfg.report_to == "all"):
         raise UserError("--hub_token with --report_to wandb would expose the token; use `hf auth login` "
                         "or the HF_TOKEN environment variable instead")
+    check_lora(cfg)
     from ip2p.training.hub import check_trackers  # imports accelerate: after the cheap checks
 
     check_trackers(cfg.report_to)
     check_optimizer(cfg)
+
+
+def check_lora(cfg: TrainConfig) -> None:
+    import importlib.util
+
+    if cfg.lora_rank < 0:
+        raise UserError(f"--lora_rank {cfg.lora_rank} must be 0 (full fine-tuning) or a positive rank such as 16")
+    if not cfg.lora_rank:
+        if cfg.train_conv_in or not cfg.save_merged:
+            flag = "--train_conv_in" if cfg.train_conv_in else "--save_merged false"
+            raise UserError(f"{flag} only applies to LoRA runs: add --lora_rank R (e.g. 16) or drop it")
+        return
+    if cfg.lora_alpha is not None and cfg.lora_alpha <= 0:
+        raise UserError(f"--lora_alpha {cfg.lora_alpha} must be positive")
+    if not 0 <= cfg.lora_dropout < 1:
+        raise UserError(f"--lora_dropout {cfg.lora_dropout} must be in [0, 1)")
+    if not cfg.lora_target_modules.replace(",", "").strip():
+        raise UserError("--lora_target_modules is empty; name UNet modules, e.g. to_q,to_k,to_v,to_out.0")
+    if importlib.util.find_spec("peft") is None:
+        raise UserError("--lora_rank needs peft: pip install peft")
 
 
 def silent_default_warnings(cfg: TrainConfig) -> list[str]:

@@ -109,11 +109,11 @@ def folder_bytes(folder: Path) -> int:
     return sum(p.stat().st_size for p in folder.rglob("*") if p.is_file())
 
 
-def checkpoint_bytes_estimate(last_checkpoint: Path | None, unet, ema) -> int:
-    """The size of the next checkpoint: the last one's, else the weights + AdamW states (+ EMA)."""
+def checkpoint_bytes_estimate(last_checkpoint: Path | None, trainable, ema) -> int:
+    """The size of the next checkpoint: the last one's, else the trained weights + AdamW states (+ EMA)."""
     if last_checkpoint is not None:
         return folder_bytes(last_checkpoint)
-    weights = sum(p.numel() * p.element_size() for p in unet.parameters())
+    weights = sum(p.numel() * p.element_size() for p in trainable)
     return weights * (3 + (1 if ema is not None else 0))
 
 

@@ -23,7 +23,8 @@ import torch
 from tqdm.auto import tqdm
 
 from ip2p.errors import UserError
-from ip2p.models import describe_start, instruct_pix2pix_pipeline, load_parts, vae_scale_factor
+from ip2p.method import expand_conv_in
+from ip2p.models import describe_start, instruct_pix2pix_pipeline, load_parts, load_unet, vae_scale_factor
 from ip2p.training import checkpoint as ckpt
 from ip2p.training.cache import cached_batch
 from ip2p.training.config import TrainConfig, silent_default_warnings, to_dict, write_resolved
@@ -37,6 +38,7 @@ from ip2p.training.guards import (
 )
 from ip2p.training.heldout import encode_heldout, heldout_losses
 from ip2p.training.hub import check_hub_access, push_to_hub
+from ip2p.training.lora import LoraSettings, merged_unet, register_checkpoint_hooks, save_adapter
 from ip2p.training.model_card import write_model_card
 from ip2p.training.pairs import (
     TrainPairs,
@@ -94,6 +96,8 @@ class Run:
     sampler: Any = None
     # optimisation (build_optimizer, resume)
     unet: Any = None
+    trainable: list | None = None  # the parameters that train: all of the UNet's, or LoRA's adapters (+ conv_in)
+    conv_in_trains: bool = True
     optimizer: Any = None
     ema: Any = None
     lr_scheduler: Any = None
@@ -127,6 +131,10 @@ def start_run(cfg: TrainConfig) -> Run:
         raise UserError("the trainer runs under DDP or DeepSpeed ZeRO-2, not FSDP yet (its validation and final "
                         "save need the whole UNet on one process); write a config with "
                         "./setup_accelerate.sh --backend deepspeed (or ddp)")
+    if cfg.lora_rank and accelerator.distributed_type.value == "DEEPSPEED":
+        raise UserError("--lora_rank runs under DDP, not DeepSpeed (ZeRO-2 shards optimizer states, which for an "
+                        "adapter are megabytes, and would checkpoint the whole UNet); write a config with "
+                        "./setup_accelerate.sh --backend ddp")
     run = Run(cfg, accelerator, Path(cfg.output_dir), DTYPES[accelerator.mixed_precision])
     if accelerator.is_main_process:  # before anything long starts (the cache build can take hours)
         for warning in silent_default_warnings(cfg):
@@ -156,7 +164,7 @@ def load_inputs(run: Run) -> None:
     run.num_pairs = len(hf_dataset)
     run.parts = parts = load_parts(cfg)
     accelerator.print(f"model: {describe_start(parts)}")
-    prepare_models(parts, cfg, device, weight_dtype)
+    run.conv_in_trains = prepare_models(parts, cfg, device, weight_dtype)
     pairs = TrainPairs(hf_dataset, cfg, parts.tokenizers)
     if cfg.cache_latents:
         run.train_set = open_cache(accelerator, cfg, hf_dataset, parts, pairs, weight_dtype)
@@ -181,9 +189,12 @@ def build_optimizer(run: Run) -> None:
     cfg, accelerator = run.cfg, run.accelerator
     run.total_batch_size, run.lr = batch_arithmetic(cfg, accelerator.num_processes)
     unet = run.parts.unet
-    optimizer = make_optimizer(cfg, unet.parameters(), run.lr, accelerator.device)
-    if cfg.use_ema:
-        run.ema = EMAModel(unet.parameters(), decay=cfg.ema_decay, model_cls=type(unet), model_config=unet.config)
+    run.trainable = [p for p in unet.parameters() if p.requires_grad]
+    optimizer = make_optimizer(cfg, run.trainable, run.lr, accelerator.device)
+    if cfg.use_ema:  # over what trains: the whole UNet, or the adapters (+ conv_in)
+        run.ema = EMAModel(run.trainable, decay=cfg.ema_decay, model_cls=type(unet), model_config=unet.config)
+    if cfg.lora_rank:
+        register_checkpoint_hooks(accelerator, unet)
     if cfg.torch_compile:  # after the optimizer took the parameters, before DDP wraps the UNet
         unet = compile_unet(unet, cfg.torch_compile_mode)
     run.unet, run.optimizer, run.loader = accelerator.prepare(unet, optimizer, run.loader)
@@ -295,7 +306,7 @@ def after_optimizer_step(run: Run, epoch: int, skipped) -> bool:
     cfg, accelerator, state = run.cfg, run.accelerator, run.state
     run.lr_scheduler.step()
     if run.ema is not None:
-        run.ema.step(run.unet.parameters())
+        run.ema.step(run.trainable)
     state.global_step += 1
     step = state.global_step
     run.nonfinite.update(skipped)
@@ -337,7 +348,7 @@ def save_checkpoint(run: Run, step: int) -> None:
     """The same weights on every process, room on the disk, then the checkpoint."""
     check_replicas(run.accelerator, run.unet)
     check_free_space(run.accelerator, run.output_dir, step,
-                     checkpoint_bytes_estimate(run.last_checkpoint, run.unet, run.ema))
+                     checkpoint_bytes_estimate(run.last_checkpoint, run.trainable, run.ema))
     run.last_checkpoint = ckpt.save_checkpoint(run.accelerator, run.output_dir, run.state,
                                                run.cfg.checkpoints_total_limit)
 
@@ -355,15 +366,17 @@ def finish(run: Run) -> int:
     if main:
         if state.global_step % cfg.validation_steps:  # the last step had no validation yet
             run.last_grid = run_validation(run, state.global_step) or run.last_grid
-        save_pipeline(cfg, run.parts, accelerator.unwrap_model(run.unet, keep_torch_compile=False), run.ema,
-                      run.output_dir)
+        save_outputs(run)
         write_model_card(run.output_dir, cfg, run.parts.family, state, run.num_pairs, run.last_grid)
     # end_training destroys the process group: every rank must get there together. A rank that tore
     # its gloo group down while the main one was still saving hung at exit (joining gloo's threads).
     accelerator.wait_for_everyone()
     accelerator.end_training()
     if main:
-        accelerator.print(f"saved the InstructPix2Pix pipeline to {run.output_dir.resolve()}")
+        what = "the InstructPix2Pix pipeline" if cfg.save_merged else "the LoRA adapter"
+        if cfg.lora_rank and cfg.save_merged:
+            what = "the LoRA adapter and the merged InstructPix2Pix pipeline"
+        accelerator.print(f"saved {what} to {run.output_dir.resolve()}")
         if run.hub_repo:  # after the teardown: an upload may outlast a collective's timeout
             return push_to_hub(cfg, run.output_dir, run.hub_repo)
     return 0
@@ -457,8 +470,8 @@ def run_validation(run: Run, step: int) -> str | None:
         return None
     model = accelerator.unwrap_model(run.unet, keep_torch_compile=False)  # --torch_compile_mode full: sample eagerly
     if ema is not None:
-        ema.store(model.parameters())
-        ema.copy_to(model.parameters())
+        ema.store(run.trainable)
+        ema.copy_to(run.trainable)
     grid = None
     if run.heldout is not None:
         losses = heldout_losses(model, run.heldout, parts.noise_scheduler, parts.vae.config.scaling_factor,
@@ -468,14 +481,30 @@ def run_validation(run: Run, step: int) -> str | None:
     if run.validator is not None:
         grid = run.validator.render(model, step)
     if ema is not None:
-        ema.restore(model.parameters())
+        ema.restore(run.trainable)
     return str(log_grid(accelerator, grid, step, output_dir).relative_to(output_dir)) if grid else None
 
 
-def save_pipeline(cfg: TrainConfig, parts, unet, ema, output_dir: Path) -> None:
+def save_outputs(run: Run) -> None:
+    """Full fine-tuning: the pipeline. LoRA: the adapter (+ conv_in), then by default the pipeline
+    with the adapter merged into a fresh fp32 copy of the base UNet."""
+    cfg, parts = run.cfg, run.parts
+    unet = run.accelerator.unwrap_model(run.unet, keep_torch_compile=False)
+    if run.ema is not None:
+        run.ema.copy_to(run.trainable)
+    if cfg.lora_rank:
+        lora = LoraSettings.from_config(cfg)
+        run.output_dir.mkdir(parents=True, exist_ok=True)
+        save_adapter(run.output_dir, parts.family, unet, lora, run.conv_in_trains)
+        if not cfg.save_merged:
+            return
+        base = expand_conv_in(load_unet(cfg), 8)
+        unet = merged_unet(base, unet, lora, run.conv_in_trains)
+    save_pipeline(cfg, parts, unet, run.output_dir)
+
+
+def save_pipeline(cfg: TrainConfig, parts, unet, output_dir: Path) -> None:
     """The final InstructPix2Pix pipeline folder of the family (safetensors), loadable as is."""
-    if ema is not None:
-        ema.copy_to(unet.parameters())
     # The pipeline's default output size is sample_size * 8: make it the training resolution.
     unet.register_to_config(sample_size=cfg.resolution // vae_scale_factor(parts.vae))
     unet = unet.to(memory_format=torch.contiguous_format)

@@ -27,6 +27,7 @@ def render_model_card(cfg: TrainConfig, family, state, num_samples: int, validat
     base = where(cfg.pretrained_model_name_or_path)
     flags = "\n".join(f"| `--{k}` | `{v}` |" for k, v in changed_flags(cfg).items())
     grid = f"\n## Last validation\n\n![validation]({validation_grid})\n" if validation_grid else ""
+    lora = lora_section(cfg, family, base) if cfg.lora_rank else ""
     return f"""---
 license: {family.license}
 base_model: {base}
@@ -69,7 +70,7 @@ image = pipe("turn the sky into sunset", image=load_image("photo.jpg"), height={
 ```
 
 or, with this kit: `python inference.py --model_path PATH_TO_THIS_FOLDER --input_image photo.jpg --instruction "..."`.
-
+{lora}
 ## Training flags (those that differ from the defaults)
 
 | flag | value |
@@ -85,3 +86,39 @@ def write_model_card(folder: str | Path, cfg: TrainConfig, family, state, num_sa
     return path
 
 
+
+
+def lora_section(cfg: TrainConfig, family, base: str | None) -> str:
+    """How to use a LoRA run's adapter: merged (above, when saved), in plain diffusers, with this kit."""
+    from ip2p.training.lora import ADAPTER_FILE, CONV_IN_FILE, LoraSettings
+
+    lora = LoraSettings.from_config(cfg)
+    merged = ("The folder's pipeline is the base with the adapter merged in (the code above loads it)."
+              if cfg.save_merged else "Only the adapter was saved (`--save_merged false`): load it onto the base.")
+    extra = ", safety_checker=None" if "safety_checker" in family.extra_pipeline_components else ""
+    if (Path(cfg.output_dir) / CONV_IN_FILE).exists():
+        load = (f'unet = UNet2DConditionModel.from_pretrained("{base}", subfolder="unet", in_channels=8,\n'
+                '                                            ignore_mismatched_sizes=True, low_cpu_mem_usage=False)\n'
+                f'unet.conv_in.load_state_dict(load_file("PATH_TO_THIS_FOLDER/{CONV_IN_FILE}"))\n'
+                f'pipe = {family.pipeline_class}.from_pretrained("{base}", unet=unet{extra})')
+    else:
+        load = f'pipe = {family.pipeline_class}.from_pretrained("{base}"{extra})'
+    return f"""
+## LoRA
+
+Rank {lora.rank}, alpha {lora.alpha:g}, dropout {lora.dropout:g}, on `{', '.join(lora.target_modules)}`.
+`{ADAPTER_FILE}` is the adapter as diffusers' `load_lora_weights` reads it. `{CONV_IN_FILE}`, when present,
+is the UNet's first convolution, trained in full: widened to 8 input channels, which `load_lora_weights`
+cannot load, so the first two lines below do it. {merged}
+
+```python
+from diffusers import {family.pipeline_class}, UNet2DConditionModel, EulerDiscreteScheduler
+from safetensors.torch import load_file
+
+{load}
+pipe.load_lora_weights("PATH_TO_THIS_FOLDER")
+pipe.scheduler = EulerDiscreteScheduler.from_config(pipe.scheduler.config)  # the sampler of the saved pipeline
+```
+
+or, with this kit: `python inference.py --model_path {base} --lora PATH_TO_THIS_FOLDER --lora_scale 1.0 ...`
+"""

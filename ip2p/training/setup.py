@@ -17,6 +17,7 @@ from ip2p.method import expand_conv_in
 from ip2p.training.cache import CacheBuild, CachedPairs, LatentCache, build_cache, cache_key
 from ip2p.training.config import TrainConfig, optimizer_name
 from ip2p.training.hub import requested_trackers
+from ip2p.training.lora import LoraSettings, attach_lora, cast_frozen
 
 
 def make_accelerator(cfg: TrainConfig):
@@ -47,16 +48,24 @@ def enable_attention(unet, want_xformers: bool) -> str:
         return "sdpa"
 
 
-def prepare_models(parts, cfg: TrainConfig, device, weight_dtype: torch.dtype) -> None:
-    """Freeze the encoders, widen and configure the UNet, put everything on the device."""
+def prepare_models(parts, cfg: TrainConfig, device, weight_dtype: torch.dtype) -> bool:
+    """Freeze the encoders, widen and configure the UNet (with --lora_rank: freeze it and add the
+    adapters), put everything on the device. Returns whether conv_in trains."""
     for frozen in parts.encoders:
         frozen.requires_grad_(False).eval()
     vae_dtype = weight_dtype if cfg.pretrained_vae_model_name_or_path else DTYPES[cfg.vae_precision]
     for module, dtype in ((parts.vae, vae_dtype), *((encoder, weight_dtype) for encoder in parts.text_encoders)):
         if module.dtype != dtype:
             module.to(dtype=dtype)
+    widened = parts.unet.conv_in.in_channels != 8
     unet = expand_conv_in(parts.unet, 8)
-    unet.requires_grad_(True).train()
+    conv_in_trains = True
+    if cfg.lora_rank:
+        conv_in_trains = attach_lora(unet, LoraSettings.from_config(cfg), widened)
+        cast_frozen(unet, weight_dtype)
+    else:
+        unet.requires_grad_(True)
+    unet.train()
     if cfg.gradient_checkpointing:
         unet.enable_gradient_checkpointing()
     enable_attention(unet, cfg.enable_xformers_memory_efficient_attention)
@@ -65,6 +74,7 @@ def prepare_models(parts, cfg: TrainConfig, device, weight_dtype: torch.dtype) -
         if cfg.allow_tf32:
             torch.backends.cuda.matmul.allow_tf32 = True
             torch.backends.cudnn.allow_tf32 = True
+    return conv_in_trains
 
 
 def place_encoders(parts, device) -> None:

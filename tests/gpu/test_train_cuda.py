@@ -72,3 +72,16 @@ def test_encoding_on_the_fly_trains_on_cuda(train, metrics, tmp_path):
     out = tmp_path / "run"
     train(out, "--no_cache_latents", "--mixed_precision", "bf16", "--max_train_steps", 2)
     assert [r["step"] for r in metrics(out)] == [1, 2]
+
+
+def test_lora_with_8bit_adam_bf16_and_ema_resumes_on_cuda(train, metrics, tmp_path):
+    # the 24 GB recipe's settings on the tiny model, with 8-bit Adam and an EMA of the adapters
+    out = tmp_path / "run"
+    flags = ["--lora_rank", 4, "--mixed_precision", "bf16", "--use_8bit_adam", "--use_ema", "--gradient_checkpointing",
+             "--checkpointing_steps", 2]
+    train(out, *flags, "--max_train_steps", 2)
+    log = train(out, *flags, "--max_train_steps", 4, "--resume_from_checkpoint", "latest")
+    assert "checkpoint-2 at optimizer step 2" in log
+    assert all(math.isfinite(r["loss"]) for r in metrics(out))
+    assert (out / "checkpoint-4" / "trainable_weights.safetensors").is_file()
+    assert (out / "pytorch_lora_weights.safetensors").is_file() and (out / "model_index.json").is_file()

@@ -84,7 +84,8 @@ def train_cmd(a, model: Path, data: Path, out: Path) -> list[str]:
             "--lr_scheduler", "cosine", "--use_ema", "--ema_decay", str(a.ema_decay),
             "--validation_steps", str(a.validation_steps), "--checkpointing_steps", "1000000",
             "--report_to", "none", "--seed", str(a.seed),
-            *(["--lora_rank", str(a.lora_rank), "--lora_alpha", str(a.lora_alpha or a.lora_rank)] if a.lora_rank else [])]
+            *(["--lora_rank", str(a.lora_rank), "--lora_alpha", str(a.lora_alpha or a.lora_rank)] if a.lora_rank else []),
+            *(["--lora_target_modules", a.lora_target_modules] if a.lora_rank and a.lora_target_modules else [])]
 
 
 def read_curve(out: Path) -> list[dict]:
@@ -191,6 +192,8 @@ def parse_args(argv):
     p.add_argument("--lora_rank", type=int, default=0,
                    help="train LoRA adapters of this rank (+ the widened conv_in) instead of the whole UNet")
     p.add_argument("--lora_alpha", type=float, default=None, help="with --lora_rank (default: the rank)")
+    p.add_argument("--lora_target_modules", default=None,
+                   help="with --lora_rank (default: the trainer's, attention and feed-forward projections)")
     p.add_argument("--continue_from", default=None,
                    help="an earlier check's --output_dir: continue its trained pipeline on --edits pairs")
     p.add_argument("--edits", default="recolour_shape,recolour_background,swap_shape",

@@ -2,7 +2,7 @@
 
     python benchmarks/learning_check.py [--output_dir DIR] [--family sdxl|sd15] [--num_pairs 2400]
                                         [--vae_steps 500] [--train_steps 12000] [--eval_pairs 64] [--seed 0]
-                                        [--lora_rank 8 [--lora_alpha 8]]
+                                        [--lora_rank 8 [--lora_alpha 8] [--lora_target_modules M,...]]
 
 On the demo's synthetic task (python -m ip2p.tiny.sample_data: recolour the shape, recolour the
 background, swap square and circle; the instruction fully determines the edit), all through the
@@ -84,8 +84,12 @@ def train_cmd(a, model: Path, data: Path, out: Path) -> list[str]:
             "--lr_scheduler", "cosine", "--use_ema", "--ema_decay", str(a.ema_decay),
             "--validation_steps", str(a.validation_steps), "--checkpointing_steps", "1000000",
             "--report_to", "none", "--seed", str(a.seed),
-            *(["--lora_rank", str(a.lora_rank), "--lora_alpha", str(a.lora_alpha or a.lora_rank)] if a.lora_rank else []),
-            *(["--lora_target_modules", a.lora_target_modules] if a.lora_rank and a.lora_target_modules else [])]
+            *(lora_flags(a) if a.lora_rank else [])]
+
+
+def lora_flags(a) -> list[str]:
+    flags = ["--lora_rank", str(a.lora_rank), "--lora_alpha", str(a.lora_alpha or a.lora_rank)]
+    return flags + (["--lora_target_modules", a.lora_target_modules] if a.lora_target_modules else [])
 
 
 def read_curve(out: Path) -> list[dict]:

@@ -21,7 +21,10 @@ kit's own entry points:
      estimate that takes the photo for the edit (ip2p.tiny.learning.denoised_errors).
 
 With --lora_rank the trainer trains LoRA adapters on the frozen tiny UNet (and its widened
-conv_in) instead of the whole UNet; everything after reads the merged pipeline it saves.
+conv_in) instead of the whole UNet; everything after reads the merged pipeline it saves. The tiny
+UNet is random, so from scratch LoRA learns only when it adapts every layer (the README's LoRA
+section: rank 64 on every Linear and Conv2d learns as full fine-tuning does; the default attention
+targets alone do not); --continue_from an editor checks a low rank adapting a trained one.
 
 "learns" is true when, at the end: the held-out loss is lower with the right instruction than
 with a wrong one and than without the photo (by 2% each); at t=900 (98.6% of the variance is

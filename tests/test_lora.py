@@ -124,19 +124,27 @@ def test_on_an_instruct_pix2pix_start_only_the_adapter_trains(tiny_sd15_ip2p, ti
     assert proc.returncode == 2 and "holds a LoRA adapter, not a pipeline" in proc.stderr
 
 
-@pytest.mark.parametrize("flags, message", [
-    (["--lora_rank", 4, "--lora_target_modules", "no_such_module"], "--lora_target_modules no_such_module"),
-    (["--lora_rank", -1], "--lora_rank -1 must be 0"),
-    (["--save_merged", "false"], "--save_merged false only applies to LoRA runs"),
-    (["--lora_rank", 4, "--lora_dropout", 1.5], "--lora_dropout 1.5 must be in [0, 1)"),
-])
-def test_bad_lora_flags_are_one_line_exit_2_and_nothing_written(flags, message, tiny_sdxl, tiny_pairs, tmp_path):
+def test_bad_lora_flags_are_one_line_exit_2_and_nothing_written(tiny_sdxl, tiny_pairs, tmp_path):
+    """Through the trainer for the check that needs the model (a target that matches no module), and
+    in-process for the flag checks that run before anything loads (the same UserError line)."""
+    from ip2p.training.config import check_config, parse_config
+    from ip2p.errors import UserError
+
     out = tmp_path / "run"
-    proc = run_train(*tiny_args(tiny_sdxl, tiny_pairs, out, *flags, "--max_train_steps", 1), check=False)
+    proc = run_train(*tiny_args(tiny_sdxl, tiny_pairs, out, "--lora_rank", 4, "--lora_target_modules",
+                                "no_such_module", "--max_train_steps", 1), check=False)
     assert proc.returncode == 2, proc.stderr[-2000:]
     lines = [line for line in proc.stderr.splitlines() if line.startswith("error:")]
-    assert len(lines) == 1 and message in lines[0] and "Traceback" not in proc.stderr
+    assert len(lines) == 1 and "--lora_target_modules no_such_module" in lines[0] and "Traceback" not in proc.stderr
     assert not out.exists()
+    base = ["--pretrained_model_name_or_path", str(tiny_sdxl), "--data_dir", str(tiny_pairs),
+            "--output_dir", str(out)]
+    for flags, message in [(["--lora_rank", "-1"], "--lora_rank -1 must be 0"),
+                           (["--save_merged", "false"], "--save_merged false only applies to LoRA runs"),
+                           (["--lora_rank", "4", "--lora_dropout", "1.5"], "--lora_dropout 1.5 must be in [0, 1)"),
+                           (["--lora_rank", "4", "--lora_alpha", "0"], "--lora_alpha 0.0 must be positive")]:
+        with pytest.raises(UserError, match=message.replace("[", r"\[").replace(")", r"\)")):
+            check_config(parse_config(base + flags))
 
 
 def test_frozen_weights_take_the_mixed_precision_dtype_and_the_trained_ones_stay_fp32(tiny_sdxl):

@@ -54,9 +54,13 @@ def make_grid(
     col_labels: list[str] | None = None,
     title: str | None = None,
 ) -> Image.Image:
-    """Paste `images[r][c]` into a grid of equal cells, with optional row/column labels, title."""
+    """Paste `images[r][c]` into a grid of equal cells, with optional row/column labels, title.
+
+    The cells are as wide as the widest image and as tall as the tallest: an image of another shape
+    (an aspect-ratio bucket's) keeps it, centred in its cell."""
     rows, cols = _check_shape(images, row_labels, col_labels)
-    cell_w, cell_h = images[0][0].size
+    cell_w = max(image.size[0] for row in images for image in row)
+    cell_h = max(image.size[1] for row in images for image in row)
     font = _font()
     left, top, title_h = _margins(row_labels, col_labels, title, font)
     width = max(left + cols * cell_w, _text_size(title, font)[0] + 2 * PAD if title else 0)
@@ -73,7 +77,5 @@ def make_grid(
             draw.text((PAD, middle), row_labels[r], fill=INK, font=font)
         for c, image in enumerate(row):
             cell = image.convert("RGB")
-            if cell.size != (cell_w, cell_h):
-                cell = cell.resize((cell_w, cell_h), Image.Resampling.LANCZOS)
-            grid.paste(cell, (left + c * cell_w, y))
+            grid.paste(cell, (left + c * cell_w + (cell_w - cell.size[0]) // 2, y + (cell_h - cell.size[1]) // 2))
     return grid

@@ -87,9 +87,13 @@ def test_grid_labels_add_margins_and_cells_stay_intact():
     assert a[:, :left].min() < 128 and (a[:, :left] == 255).mean() > 0.5
 
 
-def test_grid_resizes_cells_to_the_first_and_checks_shape():
+def test_grid_cells_fit_the_largest_image_each_keeps_its_shape_and_rows_are_checked():
+    # a 10x10 square and a 30x7 strip (as buckets of two aspects): cells 30 wide and 10 tall
     grid = make_grid([[Image.new("RGB", (10, 10), "red"), Image.new("L", (30, 7), 0)]])
-    assert grid.size == (20, 10) and tuple(np.asarray(grid)[5, 15]) == (0, 0, 0)
+    a = np.asarray(grid)
+    assert grid.size == (60, 10)
+    assert tuple(a[5, 15]) == (255, 0, 0) and tuple(a[5, 9]) != (255, 0, 0)  # the square centred, not stretched
+    assert tuple(a[5, 45]) == (0, 0, 0) and tuple(a[0, 45]) != (0, 0, 0)  # the strip centred, 7 rows tall
     with pytest.raises(ValueError, match="every row"):
         make_grid([[grid, grid], [grid]])
     with pytest.raises(ValueError, match="column labels"):

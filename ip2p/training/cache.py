@@ -48,8 +48,9 @@ def module_identity(module) -> dict:
             "weights": module_fingerprint(module)}
 
 
-def cache_key(hf_dataset, parts, cfg, dtype: torch.dtype, log=print) -> tuple[str, dict]:
-    """Everything that changes the cache's content, and its hash (the entry's folder name)."""
+def cache_key(hf_dataset, parts, cfg, dtype: torch.dtype, log=print, targets=None) -> tuple[str, dict]:
+    """Everything that changes the cache's content, and its hash (the entry's folder name);
+    `targets`: each sample's bucket shape, with --aspect_ratio_buckets."""
     columns = (cfg.original_image_column, cfg.edit_prompt_column, cfg.edited_image_column)
     parts_of_key = {
         "format": FORMAT_VERSION,
@@ -65,6 +66,10 @@ def cache_key(hf_dataset, parts, cfg, dtype: torch.dtype, log=print) -> tuple[st
         "dtype": str(dtype),
         "shard_size": cfg.latent_cache_shard_size or SHARD_SIZE,
     }
+    if targets is not None:  # the bucket list and the batch size decide them (merging)
+        blob = json.dumps([list(t) for t in targets]).encode()
+        parts_of_key["buckets"] = {"shapes": sorted({f"{w}x{h}" for h, w in set(map(tuple, targets))}),
+                                   "per_sample": hashlib.sha256(blob).hexdigest()}
     for (tokenizer_folder, encoder_folder), tokenizer, encoder in zip(
             parts.family.text_folders, parts.tokenizers, parts.text_encoders):
         parts_of_key[encoder_folder] = module_identity(encoder)
@@ -131,31 +136,45 @@ class CacheBuild:
     num_workers: int
 
 
+def shape_groups(pairs: TrainPairs, indices) -> dict[str, list[int]]:
+    """A shard's samples by target shape: one group, tag "", without buckets; with them a group per
+    bucket, tagged "|WIDTHxHEIGHT" in the stored names (a shard's tensors are concatenated per group)."""
+    groups: dict[str, list[int]] = {}
+    for index in indices:
+        tag = "" if pairs.targets is None else "|{1}x{0}".format(*pairs.targets[index])  # |WIDTHxHEIGHT
+        groups.setdefault(tag, []).append(index)
+    return groups
+
+
 @torch.no_grad()
 def encode_shard(cache: LatentCache, i: int, pairs: TrainPairs, how: CacheBuild, device) -> None:
-    source = _CacheSource(pairs, list(cache.shard_indices(i)), cache.orientations)
-    parts, dtype, resolution = how.parts, how.dtype, how.resolution
+    parts, dtype = how.parts, how.dtype
     family = parts.family
-    # its own generator: iterating a DataLoader draws a seed, which must not move the training noise
-    loader = torch.utils.data.DataLoader(source, batch_size=how.batch_size, num_workers=how.num_workers,
-                                         collate_fn=_collate_views, generator=torch.Generator())
     out: dict[str, list[torch.Tensor]] = {}
-    for batch in loader:
-        embeds, pooled = family.encode_prompt(parts.text_encoders, prompt_token_ids(parts, batch, device))
-        out.setdefault("prompt_embeds", []).append(embeds.to(dtype).cpu())
-        if pooled is not None:
-            out.setdefault("pooled_prompt_embeds", []).append(pooled.to(dtype).cpu())
-        out.setdefault("replaced", []).append(batch["replaced"])
-        for v, view in enumerate(batch["views"]):
-            mean, std, mode = encode_images(parts.vae, view["original_pixel_values"].to(device),
-                                            view["edited_pixel_values"].to(device))
-            time_ids = family.micro_conditioning(view["original_size"], view["crop_top_left"],
-                                                 (resolution, resolution))
-            for name, t in zip(PER_VIEW, (mode, mean, std, time_ids)):
-                if t is None:
-                    continue
-                t = t.float() if name == "time_ids" else t.to(dtype)
-                out.setdefault(f"{name}/{v}", []).append(t.cpu())
+    for tag, members in shape_groups(pairs, cache.shard_indices(i)).items():
+        source = _CacheSource(pairs, members, cache.orientations)
+        # its own generator: iterating a DataLoader draws a seed, which must not move the training noise
+        loader = torch.utils.data.DataLoader(source, batch_size=how.batch_size, num_workers=how.num_workers,
+                                             collate_fn=_collate_views, generator=torch.Generator())
+        if tag:
+            out[f"samples{tag}"] = [torch.tensor(members)]
+        for batch in loader:
+            embeds, pooled = family.encode_prompt(parts.text_encoders, prompt_token_ids(parts, batch, device))
+            out.setdefault(f"prompt_embeds{tag}", []).append(embeds.to(dtype).cpu())
+            if pooled is not None:
+                out.setdefault(f"pooled_prompt_embeds{tag}", []).append(pooled.to(dtype).cpu())
+            out.setdefault(f"replaced{tag}", []).append(batch["replaced"])
+            for v, view in enumerate(batch["views"]):
+                mean, std, mode = encode_images(parts.vae, view["original_pixel_values"].to(device),
+                                                view["edited_pixel_values"].to(device))
+                # the target size is the view's own: the square --resolution, or its bucket
+                time_ids = family.micro_conditioning(view["original_size"], view["crop_top_left"],
+                                                     tuple(view["original_pixel_values"].shape[-2:]))
+                for name, t in zip(PER_VIEW, (mode, mean, std, time_ids)):
+                    if t is None:
+                        continue
+                    t = t.float() if name == "time_ids" else t.to(dtype)
+                    out.setdefault(f"{name}/{v}{tag}", []).append(t.cpu())
     tensors = {k: torch.cat(v).contiguous() for k, v in out.items()}
     final = cache.shard_path(i)
     tmp = final.with_name(f".{final.name}.{os.getpid()}.tmp")
@@ -181,7 +200,7 @@ def build_cache(accelerator, cache: LatentCache, pairs: TrainPairs, how: CacheBu
         replaced = 0
         for i in range(cache.num_shards):
             with safe_open(str(cache.shard_path(i)), framework="pt") as f:
-                replaced += int(f.get_tensor("replaced").sum())
+                replaced += sum(int(f.get_tensor(k).sum()) for k in f.keys() if k.partition("|")[0] == "replaced")
         index = {"num_samples": cache.num_samples, "shard_size": cache.shard_size, "orientations": cache.orientations,
                  "replaced_samples": replaced}
         (cache.dir / "index.json").write_text(json.dumps(index))
@@ -206,20 +225,28 @@ class CachedPairs(torch.utils.data.Dataset):
         return {**self.__dict__, "_files": {}}
 
     def _file(self, shard: int):
-        """The open shard and its tensors by (field, orientation): ("prompt_embeds", "") for
-        per-sample ones, ("time_ids", "1") for "time_ids/1"; only what this family stores."""
+        """The open shard, its tensors by group tag and (field, orientation) -- ("prompt_embeds", "")
+        for per-sample ones, ("time_ids", "1") for "time_ids/1"; only what this family stores -- and
+        with buckets where each sample is: its group and row."""
         if shard not in self._files:
             f = safe_open(str(self.cache.shard_path(shard)), framework="pt")
-            stored = {tuple(k.partition("/")[::2]): k for k in f.keys()}
-            self._files[shard] = f, {key: k for key, k in stored.items()
-                                     if key[0] in EncodedBatch.__dataclass_fields__}
+            groups: dict[str, dict] = {}
+            for k in f.keys():
+                base, bar, tag = k.partition("|")
+                name, _, view = base.partition("/")
+                if name in EncodedBatch.__dataclass_fields__:
+                    groups.setdefault(bar + tag, {})[(name, view)] = k
+            where = {int(index): (tag, row) for tag in groups if tag
+                     for row, index in enumerate(f.get_tensor(f"samples{tag}").tolist())}
+            self._files[shard] = f, groups, where
         return self._files[shard]
 
     def __getitem__(self, index: int) -> dict:
         shard, row = divmod(int(index), self.cache.shard_size)
-        f, stored = self._file(shard)
+        f, groups, where = self._file(shard)
+        tag, row = where.get(int(index), ("", row))
         view = str(int(flip_decision(self.transform, self.epoch, index)))
-        return {name: f.get_slice(key)[row] for (name, v), key in stored.items() if v in ("", view)}
+        return {name: f.get_slice(key)[row] for (name, v), key in groups[tag].items() if v in ("", view)}
 
 
 def cached_batch(batch: dict, device, dtype: torch.dtype) -> EncodedBatch:

@@ -80,6 +80,13 @@ class TrainConfig:
                                         "sample from --seed and kept for the whole run (the latent cache stores "
                                         "it), not drawn again each epoch")
     random_flip: bool = _augment(False, "flip the input and edited images together, half of the time")
+    aspect_ratio_buckets: bool = _augment(
+        False, "(kit) train each pair whole at the aspect-ratio bucket nearest its input photo's (about "
+               "--resolution² pixels, sides multiples of 64 at 1024), every batch from one bucket, instead of "
+               "a square crop; logs/buckets.json counts them")
+    bucket_list: Optional[str] = _augment(None, "(kit) with --aspect_ratio_buckets: a file of buckets, one "
+                                                "WIDTHxHEIGHT per line, instead of the list around --resolution",
+                                          metavar="FILE")
 
     train_batch_size: int = _optim(16, "batch size per device")
     num_train_epochs: int = _optim(100, "epochs (ignored when --max_train_steps is set)")
@@ -315,10 +322,20 @@ def check_config(cfg: TrainConfig) -> None:
         raise UserError("--hub_token with --report_to wandb would expose the token; use `hf auth login` "
                         "or the HF_TOKEN environment variable instead")
     check_lora(cfg)
+    check_buckets(cfg)
     from ip2p.training.hub import check_trackers  # imports accelerate: after the cheap checks
 
     check_trackers(cfg.report_to)
     check_optimizer(cfg)
+
+
+def check_buckets(cfg: TrainConfig) -> None:
+    if cfg.bucket_list and not cfg.aspect_ratio_buckets:
+        raise UserError("--bucket_list only applies with --aspect_ratio_buckets: add it or drop --bucket_list")
+    if cfg.aspect_ratio_buckets and cfg.bucket_list:
+        from ip2p.training.buckets import read_bucket_list
+
+        read_bucket_list(cfg.bucket_list)
 
 
 def check_lora(cfg: TrainConfig) -> None:

@@ -47,7 +47,8 @@ class OnTheFlyEncoder:
             batch["edited_pixel_values"].to(device, non_blocking=True))
         prompt_embeds, pooled = parts.family.encode_prompt(parts.text_encoders,
                                                            prompt_token_ids(parts, batch, device))
+        # the target size is the batch's own: the square --resolution, or its aspect bucket
         time_ids = parts.family.micro_conditioning(batch["original_size"], batch["crop_top_left"],
-                                                   (self.resolution, self.resolution))
+                                                   tuple(batch["original_pixel_values"].shape[-2:]))
         encoded = EncodedBatch(mean, std, original, prompt_embeds, pooled, time_ids)
         return encoded.to(device=device, dtype=self.dtype)

@@ -29,13 +29,23 @@ class HeldOut:
     timesteps: torch.Tensor
 
 
-def encode_heldout(pairs, encoder: OnTheFlyEncoder, num_timesteps: int, batch_size: int = 8) -> HeldOut:
-    """Encode every sample of `pairs` (a TrainPairs over the held-out split, centre crops)."""
+def encode_heldout(pairs, encoder: OnTheFlyEncoder, num_timesteps: int, batch_size: int = 8) -> HeldOut | list[HeldOut]:
+    """Encode every sample of `pairs` (a TrainPairs over the held-out split, centre crops); with
+    aspect-ratio buckets one HeldOut per bucket shape (in the order of first appearance)."""
+    if pairs.targets is None:
+        return _encode(pairs, range(len(pairs)), encoder, num_timesteps, batch_size)
+    groups: dict[tuple[int, int], list[int]] = {}
+    for i, target in enumerate(pairs.targets):
+        groups.setdefault(tuple(target), []).append(i)
+    return [_encode(pairs, members, encoder, num_timesteps, batch_size) for members in groups.values()]
+
+
+def _encode(pairs, indices, encoder: OnTheFlyEncoder, num_timesteps: int, batch_size: int) -> HeldOut:
     from ip2p.training.pairs import collate
 
-    chunks = []
-    for start in range(0, len(pairs), batch_size):
-        samples = [pairs[i] for i in range(start, min(start + batch_size, len(pairs)))]
+    indices, chunks = list(indices), []
+    for start in range(0, len(indices), batch_size):
+        samples = [pairs[i] for i in indices[start:start + batch_size]]
         chunks.append(encoder(collate(samples), encoder.parts.vae.device).to(device="cpu"))
     batch = EncodedBatch(**{name: torch.cat([chunk.tensors()[name] for chunk in chunks])
                             for name in chunks[0].tensors()})
@@ -56,9 +66,15 @@ def conditioning_variants(batch: EncodedBatch) -> dict[str, EncodedBatch]:
 
 
 @torch.no_grad()
-def heldout_losses(unet, heldout: HeldOut, noise_scheduler, scaling_factor: float, dtype: torch.dtype,
-                   batch_size: int = 8) -> dict[str, float]:
-    """Mean denoising loss on the held-out set for each conditioning variant."""
+def heldout_losses(unet, heldout: HeldOut | list[HeldOut], noise_scheduler, scaling_factor: float,
+                   dtype: torch.dtype, batch_size: int = 8) -> dict[str, float]:
+    """Mean denoising loss on the held-out set for each conditioning variant (over every sample of
+    every bucket's group, when there are several)."""
+    if isinstance(heldout, list):
+        parts = [(heldout_losses(unet, h, noise_scheduler, scaling_factor, dtype, batch_size), len(h.batch))
+                 for h in heldout]
+        n = sum(k for _, k in parts)
+        return {name: sum(r[name] * k for r, k in parts) / n for name in parts[0][0]}
     device = unet.device
     was_training = unet.training
     unet.eval()

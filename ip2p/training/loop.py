@@ -26,6 +26,8 @@ from ip2p.errors import UserError
 from ip2p.method import expand_conv_in
 from ip2p.models import describe_start, instruct_pix2pix_pipeline, load_parts, load_unet, vae_scale_factor
 from ip2p.training import checkpoint as ckpt
+from ip2p.training.buckets import table as bucket_table
+from ip2p.training.buckets import write_summary as write_bucket_summary
 from ip2p.training.cache import cached_batch
 from ip2p.training.config import TrainConfig, silent_default_warnings, to_dict, write_resolved
 from ip2p.training.encode import OnTheFlyEncoder
@@ -42,6 +44,7 @@ from ip2p.training.lora import LoraSettings, merged_unet, register_checkpoint_ho
 from ip2p.training.model_card import write_model_card
 from ip2p.training.pairs import (
     TrainPairs,
+    image_sizes,
     load_splits,
     make_dataloader,
     repeats_per_epoch,
@@ -52,6 +55,7 @@ from ip2p.training.setup import (
     DTYPES,
     MetricsLog,
     batch_arithmetic,
+    bucket_sampler,
     compile_unet,
     make_accelerator,
     make_optimizer,
@@ -92,6 +96,7 @@ class Run:
     train_set: Any = None
     encode_batch: Any = None  # a DataLoader batch -> EncodedBatch: the cache reader or the encoders
     heldout: Any = None
+    buckets: Any = None  # the bucket list, (height, width) each, with --aspect_ratio_buckets
     loader: Any = None
     sampler: Any = None
     # optimisation (build_optimizer, resume)
@@ -166,6 +171,11 @@ def load_inputs(run: Run) -> None:
     accelerator.print(f"model: {describe_start(parts)}")
     run.conv_in_trains = prepare_models(parts, cfg, device, weight_dtype)
     pairs = TrainPairs(hf_dataset, cfg, parts.tokenizers)
+    batch_sampler = buckets = None
+    if cfg.aspect_ratio_buckets:  # before the cache: the pairs' shapes are their buckets'
+        batch_sampler, buckets = bucket_sampler(accelerator, cfg, hf_dataset, parts, pairs)
+        run.buckets = batch_sampler.assignment.buckets
+        accelerator.print(bucket_table(buckets))
     if cfg.cache_latents:
         run.train_set = open_cache(accelerator, cfg, hf_dataset, parts, pairs, weight_dtype)
         run.encode_batch = functools.partial(cached_batch, dtype=weight_dtype)
@@ -173,12 +183,15 @@ def load_inputs(run: Run) -> None:
         place_encoders(parts, device)
         run.train_set = pairs
         run.encode_batch = OnTheFlyEncoder(parts, cfg.resolution, weight_dtype)
-    run.heldout = encode_heldout_split(cfg, parts, heldout_dataset, device, weight_dtype) if main else None
+    run.heldout = encode_heldout_split(cfg, parts, heldout_dataset, device, weight_dtype, run.buckets) if main else None
     run.loader, run.sampler = make_dataloader(run.train_set, cfg.train_batch_size, cfg.dataloader_num_workers,
-                                              cfg.seed or 0, pin_memory=device.type == "cuda")
+                                              cfg.seed or 0, pin_memory=device.type == "cuda",
+                                              batch_sampler=batch_sampler)
     if main:
         output_dir.mkdir(parents=True, exist_ok=True)
         write_resolved(cfg, output_dir)
+        if buckets is not None:
+            write_bucket_summary(output_dir / "logs" / "buckets.json", buckets)
 
 
 def build_optimizer(run: Run) -> None:
@@ -245,6 +258,8 @@ def announce(run: Run) -> None:
         f"{cfg.gradient_accumulation_steps} accumulation = {run.total_batch_size} per optimizer step | "
         f"lr {run.lr:g} | {run.steps_per_epoch} optimizer steps per epoch, {run.max_steps} in all "
         f"({num_epochs} epochs)")
+    if cfg.aspect_ratio_buckets:
+        return  # the bucket table said how many samples repeat
     repeats = repeats_per_epoch(len(run.train_set), cfg.train_batch_size, accelerator.num_processes)
     if repeats:
         accelerator.print(f"each epoch's last round of micro-batches is filled up with {repeats} samples from the "
@@ -256,7 +271,8 @@ def start_loop(run: Run) -> None:
     """The validator, progress bar, counters, guards and the place in the data to start from."""
     cfg, accelerator, state = run.cfg, run.accelerator, run.state
     main, device = accelerator.is_main_process, accelerator.device
-    run.validator = Validator(cfg, run.parts, run.validation_pairs, run.weight_dtype) if run.validation_pairs else None
+    run.validator = (Validator(cfg, run.parts, run.validation_pairs, run.weight_dtype, run.buckets)
+                     if run.validation_pairs else None)
     run.objective = Objective(run.parts.noise_scheduler, run.parts.vae.config.scaling_factor,
                               cfg.conditioning_dropout_prob or 0.0, run.parts.family.null_text(run.parts, device))
     run.bar = tqdm(total=run.max_steps, initial=state.global_step, disable=not main, desc="optimizer steps")
@@ -447,12 +463,18 @@ def log_step(run: Run, epoch: int, step: int) -> dict:
     return row
 
 
-def encode_heldout_split(cfg: TrainConfig, parts, heldout_dataset, device, dtype):
-    """The held-out pairs, encoded once on the main process (centre crops, no flips)."""
+def encode_heldout_split(cfg: TrainConfig, parts, heldout_dataset, device, dtype, buckets=None):
+    """The held-out pairs, encoded once on the main process (centre crops, no flips; with buckets
+    each at the bucket nearest its photo's aspect, as training would put it)."""
     if heldout_dataset is None:
         return None
     centre_crops = dataclasses.replace(cfg, center_crop=True, random_flip=False)
     pairs = TrainPairs(heldout_dataset, centre_crops, parts.tokenizers)
+    if buckets:
+        from ip2p.training.buckets import nearest
+
+        sizes = image_sizes(heldout_dataset, cfg.original_image_column)
+        pairs.use_buckets([buckets[nearest(size or (1, 1), buckets)] for size in sizes])
     encoders_device = parts.vae.device  # the CPU when training from the latent cache
     place_encoders(parts, device)
     encoder = OnTheFlyEncoder(parts, cfg.resolution, dtype)

@@ -21,6 +21,18 @@ def where(name_or_path: str | None) -> str | None:
     return name_or_path
 
 
+def resolution_row(cfg: TrainConfig) -> str:
+    """The square side, or with buckets the list in use and how many pairs each held (buckets.json)."""
+    summary = Path(cfg.output_dir) / "logs" / "buckets.json"
+    if not cfg.aspect_ratio_buckets or not summary.is_file():
+        return str(cfg.resolution)
+    import json
+
+    info = json.loads(summary.read_text())
+    used = ", ".join(f"{r['width']}x{r['height']} ({r['samples']})" for r in info["buckets"])
+    return f"aspect-ratio buckets around {cfg.resolution}² (width x height, pairs): {used}"
+
+
 def render_model_card(cfg: TrainConfig, family, state, num_samples: int, validation_grid: str | None) -> str:
     """`family`: the ip2p.models.ModelFamily trained (its pipeline class, license and hub tag)."""
     data = where(cfg.data_dir or cfg.dataset_name or cfg.train_data_dir)
@@ -52,7 +64,7 @@ InstructPix2Pix method (Brooks et al. 2023).
 | optimizer steps | {state.global_step} |
 | optimizer steps skipped (non-finite gradients) | {state.skipped_steps} |
 | training samples that failed to decode (replaced by the next sample) | {state.replaced_samples} |
-| resolution | {cfg.resolution} |
+| resolution | {resolution_row(cfg)} |
 | conditioning dropout | {cfg.conditioning_dropout_prob or 0} |
 | EMA | {"yes, decay " + str(cfg.ema_decay) if cfg.use_ema else "no"} |
 | saved UNet dtype | {cfg.save_dtype} |

@@ -89,25 +89,32 @@ def check_columns(columns: list[str], cfg) -> None:
                             f"{', '.join(columns)}")
 
 
-def short_sides(ds, column: str, n: int = 64) -> list[int]:
-    """The short side of the input photo of up to `n` evenly spaced rows, from the image headers
-    (nothing is decoded); unreadable ones are left out (training replaces them and says so)."""
+def image_sizes(ds, column: str, picks: list[int] | None = None) -> list[tuple[int, int] | None]:
+    """The (height, width) of the `column` image of each row in `picks` (all rows by default), from
+    the image headers (nothing is decoded); None for an unreadable one (training replaces it)."""
     import datasets
 
     rows = ds.select_columns([column])
     if isinstance(rows.features[column], datasets.Image):
         rows = rows.cast_column(column, datasets.Image(decode=False))
-    k = min(n, len(ds))
-    picks = sorted({round(i * (len(ds) - 1) / max(1, k - 1)) for i in range(k)})
-    sides = []
-    for value in rows.select(picks)[column]:
+    if picks is not None:
+        rows = rows.select(picks)
+    sizes = []
+    for value in rows[column]:
         source = value.get("bytes") or value.get("path") if isinstance(value, dict) else value
         try:
             with Image.open(io.BytesIO(source) if isinstance(source, bytes) else source) as image:
-                sides.append(min(image.size))
+                sizes.append((image.height, image.width))
         except UNREADABLE:
-            continue
-    return sides
+            sizes.append(None)
+    return sizes
+
+
+def short_sides(ds, column: str, n: int = 64) -> list[int]:
+    """The short side of the input photo of up to `n` evenly spaced rows (unreadable ones left out)."""
+    k = min(n, len(ds))
+    picks = sorted({round(i * (len(ds) - 1) / max(1, k - 1)) for i in range(k)})
+    return [min(size) for size in image_sizes(ds, column, picks) if size is not None]
 
 
 def upscale_warning(ds, cfg, n: int = 64) -> str | None:
@@ -124,33 +131,35 @@ def upscale_warning(ds, cfg, n: int = 64) -> str | None:
 
 
 def resize_and_crop(
-    original: Image.Image, edited: Image.Image, resolution: int, center_crop: bool,
+    original: Image.Image, edited: Image.Image, resolution: int | tuple[int, int], center_crop: bool,
     flip: bool, rng: random.Random,
 ) -> tuple[Image.Image, Image.Image, tuple[int, int], tuple[int, int]]:
-    """Resize both images so the short side is `resolution`, crop a square, maybe flip both.
+    """Resize both images to cover `resolution` (a square side, or an aspect bucket's (height,
+    width)), crop it out, maybe flip both.
 
     Returns the two crops, the original (h, w) and the crop's (top, left) as SDXL's
     micro-conditioning expects them (Podell et al. 2023, 2.2). The edited image is first brought
     to the input's size so the two stay pixel-aligned. When flipped, `left` is measured in the
     flipped image, like SDXL's own training code.
     """
+    th, tw = (resolution, resolution) if isinstance(resolution, int) else resolution
     original_size = (original.height, original.width)
     if edited.size != original.size:
         edited = edited.resize(original.size, Image.BICUBIC)
-    scale = resolution / min(original.size)
-    w, h = max(resolution, round(original.width * scale)), max(resolution, round(original.height * scale))
+    scale = max(th / original.height, tw / original.width)
+    w, h = max(tw, round(original.width * scale)), max(th, round(original.height * scale))
     original = original.resize((w, h), Image.BICUBIC)
     edited = edited.resize((w, h), Image.BICUBIC)
     if center_crop:
-        top, left = (h - resolution) // 2, (w - resolution) // 2
+        top, left = (h - th) // 2, (w - tw) // 2
     else:
-        top, left = rng.randint(0, h - resolution), rng.randint(0, w - resolution)
-    box = (left, top, left + resolution, top + resolution)
+        top, left = rng.randint(0, h - th), rng.randint(0, w - tw)
+    box = (left, top, left + tw, top + th)
     original, edited = original.crop(box), edited.crop(box)
     if flip:
         original = original.transpose(Image.FLIP_LEFT_RIGHT)
         edited = edited.transpose(Image.FLIP_LEFT_RIGHT)
-        left = w - left - resolution
+        left = w - left - tw
     return original, edited, original_size, (top, left)
 
 
@@ -201,6 +210,10 @@ class TrainPairs(torch.utils.data.Dataset):
         self.transform = PairTransform(cfg.resolution, cfg.center_crop, cfg.random_flip, cfg.seed or 0)
         self.tokenizers = tokenizers
         self.epoch = 0
+        self.targets: list[tuple[int, int]] | None = None  # each sample's bucket, with --aspect_ratio_buckets
+
+    def use_buckets(self, targets: list[tuple[int, int]]) -> None:
+        self.targets = targets
 
     def use_epoch(self, epoch: int) -> None:
         self.epoch = epoch
@@ -216,7 +229,8 @@ class TrainPairs(torch.utils.data.Dataset):
     def view(self, original: Image.Image, edited: Image.Image, index: int, flip: bool) -> dict:
         t = self.transform
         crop_rng = random.Random(f"crop/{t.seed}/{index}")
-        o, e, size, crop = resize_and_crop(original, edited, t.resolution, t.center_crop, flip, crop_rng)
+        target = t.resolution if self.targets is None else self.targets[index]
+        o, e, size, crop = resize_and_crop(original, edited, target, t.center_crop, flip, crop_rng)
         return {"original_pixel_values": to_tensor(o), "edited_pixel_values": to_tensor(e),
                 "original_size": torch.tensor(size), "crop_top_left": torch.tensor(crop)}
 
@@ -276,11 +290,15 @@ class EpochSampler(torch.utils.data.Sampler):
 
 
 def make_dataloader(pairs, batch_size: int, num_workers: int, seed: int, pin_memory: bool,
-                    persistent_workers: bool = False):
-    sampler = EpochSampler(len(pairs), seed)
+                    persistent_workers: bool = False, batch_sampler=None):
+    """The training DataLoader and its sampler (the one whose `use_epoch` the loop calls): a fresh
+    permutation each epoch, or with buckets the given batch sampler (buckets.BucketBatchSampler)."""
+    sampler = EpochSampler(len(pairs), seed) if batch_sampler is None else batch_sampler
+    by_batch = dict(batch_sampler=batch_sampler) if batch_sampler is not None else dict(
+        batch_size=batch_size, sampler=sampler, drop_last=False)
     loader = torch.utils.data.DataLoader(
-        pairs, batch_size=batch_size, sampler=sampler, collate_fn=collate,
-        num_workers=num_workers, pin_memory=pin_memory, drop_last=False,
+        pairs, **by_batch, collate_fn=collate,
+        num_workers=num_workers, pin_memory=pin_memory,
         # training re-makes workers each epoch so they see the dataset's epoch (flips)
         persistent_workers=persistent_workers and num_workers > 0,
         generator=torch.Generator().manual_seed(seed),  # keeps the global (noise) generator untouched

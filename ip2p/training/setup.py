@@ -87,7 +87,7 @@ def open_cache(accelerator, cfg: TrainConfig, hf_dataset, parts, pairs, dtype) -
 
     While training from the cache the encoders stay on the CPU; validation borrows the GPU.
     """
-    key, key_parts = shared_cache_key(accelerator, hf_dataset, parts, cfg, dtype)
+    key, key_parts = shared_cache_key(accelerator, hf_dataset, parts, cfg, dtype, pairs.targets)
     root = Path(cfg.latent_cache_dir or Path(cfg.output_dir) / "latent_cache")
     cache = LatentCache(root, key, len(hf_dataset), orientations=2 if cfg.random_flip else 1,
                         shard_size=cfg.latent_cache_shard_size)
@@ -104,10 +104,11 @@ def open_cache(accelerator, cfg: TrainConfig, hf_dataset, parts, pairs, dtype) -
     return CachedPairs(cache, pairs.transform)
 
 
-def shared_cache_key(accelerator, hf_dataset, parts, cfg: TrainConfig, dtype) -> tuple[str, dict]:
+def shared_cache_key(accelerator, hf_dataset, parts, cfg: TrainConfig, dtype, targets=None) -> tuple[str, dict]:
     """The cache key, computed once on the main process (it reads every row and every encoder
     weight) and sent to the others."""
-    key = cache_key(hf_dataset, parts, cfg, dtype, log=accelerator.print) if accelerator.is_main_process else None
+    key = (cache_key(hf_dataset, parts, cfg, dtype, log=accelerator.print, targets=targets)
+           if accelerator.is_main_process else None)
     if accelerator.num_processes > 1:
         from accelerate.utils import broadcast_object_list
 
@@ -192,3 +193,24 @@ def batch_arithmetic(cfg: TrainConfig, num_processes: int) -> tuple[int, float]:
     """Global batch (samples per optimizer step) and the learning rate after --scale_lr."""
     total = cfg.train_batch_size * num_processes * cfg.gradient_accumulation_steps
     return total, cfg.learning_rate * total if cfg.scale_lr else cfg.learning_rate
+
+
+def bucket_sampler(accelerator, cfg: TrainConfig, hf_dataset, parts, pairs):
+    """With --aspect_ratio_buckets: each sample's bucket (from its input photo's header), the pairs
+    told their target shapes, and the batch sampler; returns it and the buckets.json summary."""
+    from ip2p.models import vae_scale_factor
+    from ip2p.training import buckets as bk
+    from ip2p.training.pairs import image_sizes
+
+    multiple = bk.side_multiple(vae_scale_factor(parts.vae), len(parts.unet.config.block_out_channels))
+    if cfg.bucket_list:
+        listed, source = bk.read_bucket_list(cfg.bucket_list), cfg.bucket_list
+        bk.check_sides(listed, multiple, f"--bucket_list {cfg.bucket_list}")
+    else:
+        listed = bk.default_buckets(cfg.resolution, multiple)
+        source = f"around {cfg.resolution}², sides multiples of {bk.bucket_step(cfg.resolution, multiple)}"
+    sizes = image_sizes(hf_dataset, cfg.original_image_column)
+    assignment = bk.assign(sizes, listed, cfg.train_batch_size)
+    pairs.use_buckets([listed[b] for b in assignment.of_sample])
+    sampler = bk.BucketBatchSampler(assignment, cfg.train_batch_size, cfg.seed or 0, accelerator.num_processes)
+    return sampler, bk.summary(assignment, source, cfg.resolution, sampler.repeats_per_epoch())

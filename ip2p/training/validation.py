@@ -55,17 +55,26 @@ def _open(path_or_url: str) -> Image.Image:
     return open_rgb(path_or_url)
 
 
-def training_crop(photo: Image.Image, resolution: int) -> Image.Image:
-    """The centre crop a training sample of this photo would get (short side resized, then cropped)."""
+def training_crop(photo: Image.Image, resolution: int | tuple[int, int]) -> Image.Image:
+    """The centre crop a training sample of this photo would get (resized to cover the square or the
+    bucket's (height, width), then cropped)."""
     return resize_and_crop(photo, photo, resolution, center_crop=True, flip=False, rng=random.Random(0))[0]
 
 
 class Validator:
     """Renders the validation grid with the modules being trained."""
 
-    def __init__(self, cfg, parts, pairs, weight_dtype: torch.dtype):
+    def __init__(self, cfg, parts, pairs, weight_dtype: torch.dtype, buckets: list[tuple[int, int]] | None = None):
         self.cfg, self.parts, self.pairs, self.weight_dtype = cfg, parts, pairs, weight_dtype
+        self.buckets = buckets  # with --aspect_ratio_buckets each photo is edited at its nearest bucket
         self.pipeline = None
+
+    def target(self, photo: Image.Image) -> tuple[int, int]:
+        if not self.buckets:
+            return self.cfg.resolution, self.cfg.resolution
+        from ip2p.training.buckets import nearest
+
+        return self.buckets[nearest((photo.height, photo.width), self.buckets)]
 
     def _build(self, unet):
         pipe = instruct_pix2pix_pipeline(self.parts, unet, self.cfg.pretrained_model_name_or_path, self.cfg.revision)
@@ -90,9 +99,10 @@ class Validator:
             module.to(device)
         with autocast:
             for photo, prompt in self.pairs:
-                photo = training_crop(photo, cfg.resolution)
+                height, width = self.target(photo)
+                photo = training_crop(photo, (height, width))
                 outs = [self.pipeline(
-                    prompt, image=photo, **size_arguments(self.pipeline, cfg.resolution, cfg.resolution),
+                    prompt, image=photo, **size_arguments(self.pipeline, width, height),
                     num_inference_steps=cfg.validation_num_inference_steps,
                     guidance_scale=cfg.validation_guidance_scale,
                     image_guidance_scale=cfg.validation_image_guidance_scale, generator=generator,

@@ -4,7 +4,7 @@
 #   bash benchmarks/gpu_check.sh                     # one CUDA GPU: the SDXL architecture at 1024, bf16
 #   bash benchmarks/gpu_check.sh --work_dir /scratch/gpu-check
 #   bash benchmarks/gpu_check.sh --tiny              # the same sequence on the CPU with the tiny model
-#   bash benchmarks/gpu_check.sh --only model,throughput,throughput_sd15,throughput_lora,throughput_loop   # the speed table
+#   bash benchmarks/gpu_check.sh --only model,throughput,throughput_sd15,throughput_lora,throughput_buckets,throughput_loop   # the speed table
 #
 # Checks, in order: model (the SDXL architecture with random weights in the hub layout,
 # python -m ip2p.tiny.sdxl_arch), data (synthetic pairs through convert_to_hf_dataset.py), train
@@ -17,7 +17,9 @@
 # without checkpointing, with fused AdamW, both compiled, torchao's 8-bit AdamW when torchao
 # imports), throughput_sd15 (the same step on SD 1.5's architecture at 512: its recipe, with checkpointing
 # and batch 16, beside the plain step), throughput_lora (the step of configs/sdxl_1024_lora_24gb.yaml:
-# LoRA rank 16 on the frozen bf16 SDXL UNet, with checkpointing, and without), throughput_loop (benchmarks/throughput.py --loop: ./train.sh with the recipe, the rate
+# LoRA rank 16 on the frozen bf16 SDXL UNet, with checkpointing, and without), throughput_buckets (the
+# fused-AdamW step at two aspect-ratio buckets, 832x1216 and 1600x640: --aspect_ratio_buckets' batches),
+# throughput_loop (benchmarks/throughput.py --loop: ./train.sh with the recipe, the rate
 # its progress bar shows) and pytest_gpu (python -m pytest tests/gpu -m gpu). Each prints one line,
 # `ok NAME key=value ...`, `FAIL NAME reason` or `skip NAME: reason`; a failed check does not stop
 # the others. The last line is `N passed, M failed, K skipped`; the exit code is 1 when any
@@ -49,7 +51,7 @@ while [[ $# -gt 0 ]]; do
 done
 
 all_checks=(model data train sigterm resume_ema fused_adamw deepspeed infer_bf16 infer_fp16 infer_offload
-            throughput throughput_sd15 throughput_lora throughput_loop pytest_gpu)
+            throughput throughput_sd15 throughput_lora throughput_buckets throughput_loop pytest_gpu)
 for name in ${only//,/ }; do
   [[ " ${all_checks[*]} " == *" $name "* ]] \
     || { echo "error: --only: no check named $name (the checks: ${all_checks[*]})" >&2; exit 2; }
@@ -184,6 +186,7 @@ if [[ $tiny == yes ]]; then
   throughput=(--tiny --steps 2 --warmup 1 --num_samples 8 --loader_workers 0)
   variants_sd15=adamw throughput_sd15=()
   variants_lora=lora_24gb
+  buckets=(48x80 128x32)  # width x height; the tiny model's sides are multiples of 16
   throughput_loop=(--tiny --steps 4 --logging_steps 2)
   limit_model=300 limit_train=600 limit_step=300
 else
@@ -201,6 +204,7 @@ else
   variants_sd15=recipe+ckpt,recipe,adamw+ckpt throughput_sd15=(--batch_size 16 --num_samples 32)
   # configs/sdxl_1024_lora_24gb.yaml as shipped is lora_24gb (batch 4, checkpointing); its peak must stay under 24 GB
   variants_lora=lora_24gb,lora
+  buckets=(832x1216 1600x640)  # a portrait and a wide bucket of the 1024 list, beside throughput's 1024x1024
   # one epoch of 8 optimizer steps; the first logging interval (compilation, warm-up) is left out
   throughput_loop=(--steps 8 --logging_steps 2)
   limit_model=300 limit_train=420 limit_step=300
@@ -420,7 +424,7 @@ out = []
 for r in rows:
     if "skipped" in r:
         continue
-    v = r["variant"]
+    v = r["variant"] + (f"_{r['bucket']}" if r.get("bucket") else "")
     out.append(f"{v}_samples_per_s={r['samples_per_s']:.2f}")
     if "peak_memory_gib" in r:
         out.append(f"{v}_peak_gib={r['peak_memory_gib']:.1f}")
@@ -452,6 +456,16 @@ check_throughput_lora() {
   bounded 420 "$python" benchmarks/throughput.py --variants "$variants_lora" "${throughput[@]}" \
     --output_json "$work/throughput_lora.jsonl"
   throughput_figures "$work/throughput_lora.jsonl" $? "$(last_error)"
+}
+
+check_throughput_buckets() {
+  local rc=0 b
+  for b in "${buckets[@]}"; do
+    bounded 300 "$python" benchmarks/throughput.py --variants adamw --bucket "$b" "${throughput[@]}" \
+      --output_json "$work/throughput_bucket_$b.jsonl" || rc=$?
+  done
+  for b in "${buckets[@]}"; do cat "$work/throughput_bucket_$b.jsonl"; done > "$work/throughput_buckets.jsonl"
+  throughput_figures "$work/throughput_buckets.jsonl" $rc "$(last_error)"
 }
 
 check_throughput_loop() {

@@ -5,6 +5,7 @@
     python benchmarks/throughput.py --family sd15        # SD 1.5's architecture at 512 (the step only)
     python benchmarks/throughput.py --tiny               # the tiny model at 64, fp32, on the CPU
     python benchmarks/throughput.py --variants recipe,recipe+compile --steps 20
+    python benchmarks/throughput.py --bucket 832x1216    # the step at one aspect-ratio bucket (width x height)
     python benchmarks/throughput.py --loop               # ./train.sh, the default recipe, 30 steps
     python benchmarks/throughput.py --loop --tiny --loop_flags "--torch_compile"
 
@@ -22,6 +23,10 @@ gradient checkpointing or not, and a compile mode (as --torch_compile_mode):
     recipe+compile_full, adamw+compile_full  --torch_compile_mode full (the whole UNet: minutes for SDXL)
     torchao8bit            --optimizer adamw8bit_torchao (its step compiles on first use: ~2 min on a CPU)
     on_the_fly, on_the_fly+recipe            --no_cache_latents, with AdamW / with the recipe's optimizer
+
+With --bucket WIDTHxHEIGHT every sample is that shape (as --aspect_ratio_buckets trains a batch of
+that bucket), from the cache's per-bucket layout and through the same encoders; the rows give the
+bucket beside the resolution.
 
 Every variant starts from the same seed and sees the same batches, so a compiled variant's loss is
 its eager twin's up to rounding. One JSON line per variant: samples_per_s, step_ms, compile_s (where
@@ -116,15 +121,18 @@ def gpu_peak_flops(device) -> float | None:
     return next((v for k, v in DENSE_BF16_PEAK.items() if k in name), None)
 
 
-def synthetic_pairs(folder: Path, n: int, size: int) -> Path:
-    """n smooth random edit pairs (JPEG) saved as the converter would: an HF dataset on disk."""
+def synthetic_pairs(folder: Path, n: int, size: int | tuple[int, int]) -> Path:
+    """n smooth random edit pairs (JPEG) saved as the converter would: an HF dataset on disk; `size`
+    a square side or (height, width)."""
     import datasets
 
     rng = np.random.default_rng(0)
     rows = {"input_image": [], "edit_prompt": [], "edited_image": []}
     for i in range(n):
         coarse = rng.integers(0, 255, (8, 8, 3), dtype=np.uint8)
-        img = Image.fromarray(coarse).resize((size, size), Image.BICUBIC)
+        h, w = (size, size) if isinstance(size, int) else size
+        img = Image.fromarray(coarse).resize((w, h), Image.BICUBIC)
+        # a rotated non-square edit is brought back to the input's size by the crop, as any other
         for col, im in (("input_image", img), ("edited_image", img.transpose(Image.ROTATE_90))):
             buf = io.BytesIO()
             im.save(buf, format="JPEG", quality=90)
@@ -235,7 +243,8 @@ def run_variant(name: str, spec: Variant, accelerator, parts, data, args, flops_
     elapsed = time.perf_counter() - t0
     step_s = elapsed / args.steps
     row = {"variant": name, "device": str(device) if device.type != "cuda" else torch.cuda.get_device_name(device),
-           "resolution": args.resolution, "batch_size": args.batch_size, "mixed_precision": args.mixed_precision,
+           "resolution": args.resolution, "bucket": args.bucket, "batch_size": args.batch_size,
+           "mixed_precision": args.mixed_precision,
            **spec._asdict(), "samples_per_s": args.batch_size / step_s, "step_ms": 1000 * step_s,
            # the warm-up steps beyond as many steady ones: the compilation (and the first step's allocations)
            "compile_s": sum(max(0.0, w - step_s) for w in warmup_s) if compiles(spec) else None,
@@ -283,12 +292,15 @@ def run_steps(args, names: list[str], cuda: bool) -> None:
             for m in parts.text_encoders:
                 m.to(dtype)
         num_samples = args.num_samples or 32
+        shape = bucket_shape(args.bucket) if args.bucket else args.resolution
         cfg = parse_config(["--pretrained_model_name_or_path", "random", "--resolution", str(args.resolution),
-                            "--data_dir", str(synthetic_pairs(tmp / "data", num_samples, args.resolution)),
+                            "--data_dir", str(synthetic_pairs(tmp / "data", num_samples, shape)),
                             "--random_flip", "--seed", "0"])
         ds = load_hf_dataset(cfg)
         pairs = TrainPairs(ds, cfg, parts.tokenizers)
-        key, key_parts = cache_key(ds, parts, cfg, dtype)
+        if args.bucket:
+            pairs.use_buckets([shape] * len(ds))
+        key, key_parts = cache_key(ds, parts, cfg, dtype, targets=pairs.targets)
         cache = LatentCache(tmp / "cache", key, len(ds), orientations=2)
         place_encoders(parts, device)
         t0 = time.perf_counter()
@@ -319,6 +331,12 @@ def run_steps(args, names: list[str], cuda: bool) -> None:
               "loader_workers": args.loader_workers}, args.output_json)
 
 
+def bucket_shape(text: str) -> tuple[int, int]:
+    """WIDTHxHEIGHT -> (height, width)."""
+    w, h = (int(x) for x in text.lower().split("x"))
+    return h, w
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--tiny", action="store_true", help="the tiny model on the CPU (64, fp32)")
@@ -326,6 +344,8 @@ def main(argv=None) -> int:
                         help="the architecture: SDXL (default) or SD 1.5 (the step only, not --loop)")
     parser.add_argument("--resolution", type=int, default=None, help="default 1024, SD 1.5 512 (tiny: 64)")
     parser.add_argument("--batch_size", type=int, default=4, help="the step's batch (--loop: the recipe's)")
+    parser.add_argument("--bucket", default=None, metavar="WIDTHxHEIGHT",
+                        help="the step at one aspect-ratio bucket instead of the --resolution square")
     parser.add_argument("--steps", type=int, default=None,
                         help="timed steps per variant (default 10); --loop: optimizer steps of the run (default 30)")
     parser.add_argument("--warmup", type=int, default=3,
@@ -354,6 +374,14 @@ def main(argv=None) -> int:
         i = argv.index("--loop_flags")
         argv[i:i + 2] = [f"--loop_flags={argv[i + 1]}"]
     args = parser.parse_args(argv)
+    if args.bucket:
+        try:
+            h, w = bucket_shape(args.bucket)
+        except ValueError:
+            parser.error(f"--bucket {args.bucket} is not WIDTHxHEIGHT (e.g. 832x1216)")
+        if args.loop or h % 8 or w % 8 or h <= 0 or w <= 0:
+            parser.error(f"--bucket {args.bucket}: the step only (not --loop), sides positive multiples of 8 "
+                         "(of 32 for SDXL, 64 for SD 1.5, 16 for the tiny model)")
 
     cuda = torch.cuda.is_available() and not args.tiny
     args.resolution = args.resolution or (64 if args.tiny else 1024 if args.family == "sdxl" else 512)

@@ -87,6 +87,22 @@ def test_the_sd15_step_is_timed_on_its_own_family():
     assert rows["cache_build"]["family"] == "sd15" and positive(rows["adamw"]["samples_per_s"])
     assert positive(rows["adamw"]["last_loss"]) and rows["adamw"]["resolution"] == 64
 
+def test_the_step_at_a_bucket_trains_on_that_shape():
+    """--bucket WIDTHxHEIGHT: the cache in its per-bucket layout, the step at 48x80 (3,840 pixels
+    against the 64x64 square's 4,096: fewer FLOPs per sample, counted by torch)."""
+    flops = {}
+    for bucket in ("48x80", None):
+        proc = throughput("--steps", "1", "--warmup", "1", "--num_samples", "8", "--loader_workers", "0",
+                          "--variants", "adamw", *(["--bucket", bucket] if bucket else []))
+        assert proc.returncode == 0, proc.stderr[-3000:]
+        rows = {r["variant"]: r for r in (json.loads(x) for x in proc.stdout.splitlines() if x.startswith("{"))}
+        assert rows["adamw"]["bucket"] == bucket and positive(rows["adamw"]["samples_per_s"])
+        flops[bucket] = rows["cache_build"]["model_tflop_per_sample"]
+    assert flops["48x80"] < flops[None] * 0.97
+    bad = throughput("--bucket", "48 by 80")
+    assert bad.returncode == 2 and "--bucket 48 by 80 is not WIDTHxHEIGHT" in bad.stderr
+
+
 def test_loop_times_train_sh_with_the_flags_given(tmp_path):
     out = tmp_path / "loop.jsonl"
     proc = throughput("--loop", "--steps", "4", "--logging_steps", "2", "--output_json", out,

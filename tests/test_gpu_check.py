@@ -15,7 +15,7 @@ from conftest import run_in_session
 ROOT = Path(__file__).resolve().parents[1]
 SCRIPT = ROOT / "benchmarks" / "gpu_check.sh"
 RUN_ON_CPU = ["model", "data", "train", "sigterm", "resume_ema", "infer_bf16", "throughput", "throughput_sd15",
-              "throughput_lora", "throughput_loop", "pytest_gpu"]
+              "throughput_lora", "throughput_buckets", "throughput_loop", "pytest_gpu"]
 NEED_CUDA = ["fused_adamw", "deepspeed", "infer_fp16", "infer_offload"]
 
 
@@ -45,7 +45,8 @@ def test_tiny_mode_runs_every_check_and_reports_each_once(tmp_path):
     rows = [json.loads(x) for x in (work / "results.jsonl").read_text().splitlines()]
     assert [r["name"] for r in rows] == ["model", "data", "train", "sigterm", "resume_ema", "fused_adamw",
                                          "deepspeed", "infer_bf16", "infer_fp16", "infer_offload",
-                                         "throughput", "throughput_sd15", "throughput_lora", "throughput_loop",
+                                         "throughput", "throughput_sd15", "throughput_lora", "throughput_buckets",
+                                         "throughput_loop",
                                          "pytest_gpu"]
     by_name = {r["name"]: r for r in rows}
     assert all(by_name[n]["status"] == "ok" and by_name[n]["seconds"] >= 0 for n in RUN_ON_CPU)
@@ -61,6 +62,7 @@ def test_tiny_mode_runs_every_check_and_reports_each_once(tmp_path):
     assert fig["throughput"]["adamw_samples_per_s"] > 0 and "recipe_samples_per_s" not in fig["throughput"]  # no CUDA
     assert fig["throughput_sd15"]["adamw_samples_per_s"] > 0
     assert fig["throughput_lora"]["lora_24gb_samples_per_s"] > 0
+    assert fig["throughput_buckets"]["adamw_48x80_samples_per_s"] > 0 and fig["throughput_buckets"]["adamw_128x32_samples_per_s"] > 0
     loop = fig["throughput_loop"]
     assert loop["samples_per_s"] > 0 and loop["samples_per_s_last"] > 0 and loop["wall_s"] > 0
     assert (loop["steps"], loop["optimizer"], loop["compile"]) == (4, "adamw", "none")

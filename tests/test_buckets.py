@@ -281,3 +281,12 @@ def test_two_processes_train_on_buckets_through_train_sh(three_aspects, tiny_sdx
     # 3 buckets of 4 = 3 batches of 4; a fourth (a repeat of the first) gives each process two
     assert "4 samples repeat each epoch" in log and log.count("weights identical on all 2 processes") == 2
     assert steps(out) == [1, 2, 3] and json.loads((out / "logs" / "buckets.json").read_text())["repeats_per_epoch"] == 4
+
+
+def test_sd15_trains_on_the_same_buckets(three_aspects, tiny_sd15, tmp_path):
+    out = tmp_path / "sd15"
+    run_train(*tiny_args(tiny_sd15, three_aspects, out, "--aspect_ratio_buckets", "--max_train_steps", 3,
+                         "--report_to", "none"))
+    info = json.loads((out / "logs" / "buckets.json").read_text())
+    assert [(r["width"], r["height"], r["samples"]) for r in info["buckets"]] == [(48, 80, 4), (64, 64, 4), (80, 48, 4)]
+    assert [m["step"] for m in metrics(out)] == [1, 2, 3] and (out / "model_index.json").is_file()

@@ -13,6 +13,10 @@ made of) and `index.json` (written last, once every shard exists: the entry is c
 are safetensors files, memory-mapped when read, each written under a temporary name and renamed,
 so an interrupted build resumes by encoding only the missing shards. Every process encodes the
 shards `i % num_processes == rank`; a shard's content does not depend on who wrote it.
+
+With aspect-ratio buckets a shard's samples come in several shapes: each bucket's samples are
+concatenated on their own, under names tagged `|WIDTHxHEIGHT` (`original_latents/0|832x1216`),
+with `samples|WIDTHxHEIGHT` listing which sample each row is; the key covers every sample's bucket.
 """
 
 from __future__ import annotations

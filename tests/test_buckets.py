@@ -290,3 +290,20 @@ def test_sd15_trains_on_the_same_buckets(three_aspects, tiny_sd15, tmp_path):
     info = json.loads((out / "logs" / "buckets.json").read_text())
     assert [(r["width"], r["height"], r["samples"]) for r in info["buckets"]] == [(48, 80, 4), (64, 64, 4), (80, 48, 4)]
     assert [m["step"] for m in metrics(out)] == [1, 2, 3] and (out / "model_index.json").is_file()
+
+
+def test_the_upscale_warning_compares_a_bucketed_photo_by_area(three_aspects):
+    """48x96 photos have a short side below 64 but more pixels than 64²: with buckets they are not
+    upscaled (their bucket is 80x48), so only the square run warns."""
+    import datasets
+
+    from ip2p.training.config import TrainConfig
+    from ip2p.training.pairs import upscale_warning
+
+    ds = datasets.load_from_disk(str(three_aspects))
+    square = upscale_warning(ds, TrainConfig(resolution=64))
+    assert square.startswith("8 of 12 sampled training photos have a short side below --resolution 64 (median 48 px)")
+    assert upscale_warning(ds, TrainConfig(resolution=64, aspect_ratio_buckets=True)) is None
+    small = upscale_warning(ds, TrainConfig(resolution=96, aspect_ratio_buckets=True))
+    assert small.startswith("12 of 12 sampled training photos have fewer pixels than --resolution² 96 "
+                            "(median side of a square of the same area 67 px)")

@@ -110,24 +110,24 @@ def image_sizes(ds, column: str, picks: list[int] | None = None) -> list[tuple[i
     return sizes
 
 
-def short_sides(ds, column: str, n: int = 64) -> list[int]:
-    """The short side of the input photo of up to `n` evenly spaced rows (unreadable ones left out)."""
-    k = min(n, len(ds))
-    picks = sorted({round(i * (len(ds) - 1) / max(1, k - 1)) for i in range(k)})
-    return [min(size) for size in image_sizes(ds, column, picks) if size is not None]
-
-
 def upscale_warning(ds, cfg, n: int = 64) -> str | None:
     """A warning when most training photos are smaller than --resolution: they would be upscaled
-    without a word, and the model would learn blurry edits."""
-    sides = short_sides(ds, cfg.original_image_column, n)
+    without a word, and the model would learn blurry edits. With aspect-ratio buckets a photo is
+    compared by area (a bucket holds about --resolution² pixels, a wide one's short side is less)."""
+    k = min(n, len(ds))
+    picks = sorted({round(i * (len(ds) - 1) / max(1, k - 1)) for i in range(k)})
+    sizes = [s for s in image_sizes(ds, cfg.original_image_column, picks) if s is not None]
+    by_area = cfg.aspect_ratio_buckets
+    sides = [math.isqrt(h * w) if by_area else min(h, w) for h, w in sizes]
     small = [s for s in sides if s < cfg.resolution]
     if not sides or len(small) * 2 <= len(sides):
         return None
     median = sorted(sides)[len(sides) // 2]
-    return (f"{len(small)} of {len(sides)} sampled training photos have a short side below --resolution "
-            f"{cfg.resolution} (median {median} px): they are upscaled to it; train at a --resolution near "
-            f"{median} or with larger photos")
+    what, measure = (("fewer pixels than --resolution²", "median side of a square of the same area") if by_area
+                     else ("a short side below --resolution", "median"))
+    return (f"{len(small)} of {len(sides)} sampled training photos have {what} {cfg.resolution} "
+            f"({measure} {median} px): they are upscaled to it; train at a --resolution near {median} or with "
+            "larger photos")
 
 
 def resize_and_crop(

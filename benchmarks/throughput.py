@@ -304,7 +304,7 @@ def run_steps(args, names: list[str], cuda: bool) -> None:
         cache = LatentCache(tmp / "cache", key, len(ds), orientations=2)
         place_encoders(parts, device)
         t0 = time.perf_counter()
-        build_cache(accelerator, cache, pairs, CacheBuild(parts, args.resolution, dtype, args.batch_size, 0), key_parts)
+        build_cache(accelerator, cache, pairs, CacheBuild(parts, dtype, args.batch_size, 0), key_parts)
         build_s = time.perf_counter() - t0
         place_encoders(parts, "cpu")
         # persistent workers: a small synthetic set must not pay a worker start every few steps
@@ -313,7 +313,7 @@ def run_steps(args, names: list[str], cuda: bool) -> None:
         pixel_loader, _ = make_dataloader(pairs, args.batch_size, args.loader_workers, 0, pin_memory=cuda,
                                           persistent_workers=True)
         data = {"cache_loader": cache_loader, "pixel_loader": pixel_loader, "dtype": dtype,
-                "encoder": OnTheFlyEncoder(parts, args.resolution, dtype),
+                "encoder": OnTheFlyEncoder(parts, dtype),
                 "unet_factory": unet_factory(args, device)}
         # model FLOPs: one plain forward + backward (no checkpointing) on a fresh UNet
         probe = expand_conv_in(data["unet_factory"](), 8).to(device).train()

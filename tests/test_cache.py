@@ -33,7 +33,7 @@ def build(tmp_path, setup, dtype=torch.float32, shard_size=4):
     cfg, parts, ds, pairs = setup
     key, key_parts = cache_key(ds, parts, cfg, dtype)
     cache = LatentCache(tmp_path, key, len(ds), orientations=2, shard_size=shard_size)  # 10 samples, 3 shards
-    build_cache(SINGLE_PROCESS, cache, pairs, CacheBuild(parts, cfg.resolution, dtype, batch_size=3, num_workers=0),
+    build_cache(SINGLE_PROCESS, cache, pairs, CacheBuild(parts, dtype, batch_size=3, num_workers=0),
                 key_parts)
     return cache
 
@@ -42,7 +42,7 @@ def test_cached_rows_are_what_the_encoders_give_in_both_orientations(tmp_path, s
     cfg, parts, ds, pairs = setup
     cache = build(tmp_path, setup)
     assert cache.is_complete() and cache.num_shards == 3
-    encoder = OnTheFlyEncoder(parts, cfg.resolution, torch.float32)
+    encoder = OnTheFlyEncoder(parts, torch.float32)
     reader = CachedPairs(cache, pairs.transform)
     seen_flips = set()
     for epoch in (0, 1):

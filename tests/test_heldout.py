@@ -35,7 +35,7 @@ def test_heldout_losses_are_deterministic_and_tell_the_conditioning_apart(tiny_s
     unet = expand_conv_in(parts.unet, 8)
     with torch.no_grad():  # give the new input channels weight, so the input photo matters
         unet.conv_in.weight[:, 4:].normal_(0, 0.1)
-    encoder = OnTheFlyEncoder(parts, 32, torch.float32)
+    encoder = OnTheFlyEncoder(parts, torch.float32)
     heldout = encode_heldout(TrainPairs(heldout_ds, cfg, parts.tokenizers), encoder, 1000)
     assert heldout.timesteps.tolist() == [0, 250, 500, 749, 999]
     torch.manual_seed(1)  # the global generator plays no part

@@ -72,7 +72,7 @@ def cache_key(hf_dataset, parts, cfg, dtype: torch.dtype, log=print, targets=Non
     }
     if targets is not None:  # the bucket list and the batch size decide them (merging)
         blob = json.dumps([list(t) for t in targets]).encode()
-        parts_of_key["buckets"] = {"shapes": sorted({f"{w}x{h}" for h, w in set(map(tuple, targets))}),
+        parts_of_key["buckets"] = {"shapes": sorted({f"{w}x{h}" for h, w in targets}),
                                    "per_sample": hashlib.sha256(blob).hexdigest()}
     for (tokenizer_folder, encoder_folder), tokenizer, encoder in zip(
             parts.family.text_folders, parts.tokenizers, parts.text_encoders):
@@ -130,11 +130,10 @@ def _collate_views(samples: list[dict]) -> dict:
 
 @dataclass(frozen=True)
 class CacheBuild:
-    """How the cache is filled: by which encoders, at which resolution and storage dtype, in which
-    batches and with how many DataLoader workers."""
+    """How the cache is filled: by which encoders, in which storage dtype, in which batches and with
+    how many DataLoader workers (the shapes are the pairs' own: the square or each sample's bucket)."""
 
     parts: object  # ip2p.models.ModelParts, the encoders placed on the device
-    resolution: int
     dtype: torch.dtype
     batch_size: int
     num_workers: int

@@ -33,11 +33,11 @@ def encode_images(vae, original: torch.Tensor, edited: torch.Tensor):
 
 
 class OnTheFlyEncoder:
-    """Produces EncodedBatch from a DataLoader batch by running the frozen encoders."""
+    """Produces EncodedBatch from a DataLoader batch by running the frozen encoders (the target size
+    of the micro-conditioning is the batch's own pixels': the --resolution square or a bucket)."""
 
-    def __init__(self, parts: ModelParts, resolution: int, dtype: torch.dtype):
+    def __init__(self, parts: ModelParts, dtype: torch.dtype):
         self.parts = parts
-        self.resolution = resolution
         self.dtype = dtype  # the training precision: what the cache stores too
 
     def __call__(self, batch: dict, device) -> EncodedBatch:

@@ -182,7 +182,7 @@ def load_inputs(run: Run) -> None:
     else:
         place_encoders(parts, device)
         run.train_set = pairs
-        run.encode_batch = OnTheFlyEncoder(parts, cfg.resolution, weight_dtype)
+        run.encode_batch = OnTheFlyEncoder(parts, weight_dtype)
     run.heldout = encode_heldout_split(cfg, parts, heldout_dataset, device, weight_dtype, run.buckets) if main else None
     run.loader, run.sampler = make_dataloader(run.train_set, cfg.train_batch_size, cfg.dataloader_num_workers,
                                               cfg.seed or 0, pin_memory=device.type == "cuda",
@@ -477,7 +477,7 @@ def encode_heldout_split(cfg: TrainConfig, parts, heldout_dataset, device, dtype
         pairs.use_buckets([buckets[nearest(size or (1, 1), buckets)] for size in sizes])
     encoders_device = parts.vae.device  # the CPU when training from the latent cache
     place_encoders(parts, device)
-    encoder = OnTheFlyEncoder(parts, cfg.resolution, dtype)
+    encoder = OnTheFlyEncoder(parts, dtype)
     heldout = encode_heldout(pairs, encoder, parts.noise_scheduler.config.num_train_timesteps)
     place_encoders(parts, encoders_device)
     print(f"held-out loss on {len(pairs)} pairs of the '{cfg.validation_split}' split at each validation")

@@ -100,7 +100,8 @@ def image_sizes(ds, column: str, picks: list[int] | None = None) -> list[tuple[i
     if picks is not None:
         rows = rows.select(picks)
     sizes = []
-    for value in rows[column]:
+    # a batch of rows at a time: the whole column at once would hold every image's bytes in memory
+    for value in (v for batch in rows.iter(batch_size=256) for v in batch[column]):
         source = value.get("bytes") or value.get("path") if isinstance(value, dict) else value
         try:
             with Image.open(io.BytesIO(source) if isinstance(source, bytes) else source) as image:

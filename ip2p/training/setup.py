@@ -98,7 +98,7 @@ def open_cache(accelerator, cfg: TrainConfig, hf_dataset, parts, pairs, dtype) -
         accelerator.print(f"latent cache: encoding {todo} of {cache.num_shards} shards into {cache.dir} "
                           f"({cache.orientations} orientation(s) per sample, {accelerator.num_processes} processes)")
         place_encoders(parts, accelerator.device)
-        how = CacheBuild(parts, cfg.resolution, dtype, cfg.train_batch_size, cfg.dataloader_num_workers)
+        how = CacheBuild(parts, dtype, cfg.train_batch_size, cfg.dataloader_num_workers)
         build_cache(accelerator, cache, pairs, how, key_parts)
         place_encoders(parts, "cpu")
     return CachedPairs(cache, pairs.transform)

@@ -179,7 +179,7 @@ check() {  # check NAME
 src=$work/pairs data=$work/data model=$work/model instruction="turn the background black"
 if [[ $tiny == yes ]]; then
   mode=tiny res=64 device=cpu
-  recipe=(--config configs/tiny_cpu.yaml)
+  recipe=(--config configs/tiny_cpu.yaml --aspect_ratio_buckets)  # as the GPU's SDXL recipe: the bucket sampler
   sized=(--dataloader_num_workers 0)
   make_model=("$python" -m ip2p.tiny.model --output_dir "$model")
   variants=recipe,adamw  # recipe: the skipped row of 8-bit Adam on the CPU

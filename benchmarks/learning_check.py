@@ -3,6 +3,7 @@
     python benchmarks/learning_check.py [--output_dir DIR] [--family sdxl|sd15] [--num_pairs 2400]
                                         [--vae_steps 500] [--train_steps 12000] [--eval_pairs 64] [--seed 0]
                                         [--lora_rank 8 [--lora_alpha 8] [--lora_target_modules M,...]]
+                                        [--sizes 48x80,80x48,64x64]
 
 On the demo's synthetic task (python -m ip2p.tiny.sample_data: recolour the shape, recolour the
 background, swap square and circle; the instruction fully determines the edit), all through the
@@ -26,6 +27,12 @@ UNet is random, so from scratch LoRA learns only when it adapts every layer (the
 section: rank 64 on every Linear and Conv2d learns as full fine-tuning does; the default attention
 targets alone do not); --continue_from an editor checks a low rank adapting a trained one.
 
+With --sizes the pairs come in several shapes (WIDTHxHEIGHT each, taken in turn: portrait,
+landscape and square pairs in equal numbers) and the trainer runs with --aspect_ratio_buckets
+(the tiny model's buckets around 64², of which 48x80, 80x48 and 64x64 hold the pairs whole); the
+VAE is fitted on every shape, and each measurement below is made at each shape on its own (the
+summary's *_by_size entries, with their verdicts) as well as over all pairs.
+
 "learns" is true when, at the end: the held-out loss is lower with the right instruction than
 with a wrong one and than without the photo (by 2% each); at t=900 (98.6% of the variance is
 noise) the UNet's estimate of the edited latent is closer to the truth than the best estimate that
@@ -34,7 +41,8 @@ edits are closer to the ground truth than the unchanged photo, and further with 
 instruction (5% each, MSE of scaled latents). The sampled edits come last: sampling starts from
 almost pure noise, the range a tiny model learns last (at 6,000 steps everything else holds but
 the edits are not yet closer than the photo). Prints a JSON summary (also
-OUT/learning_check.json); each part has its own verdict there.
+OUT/learning_check.json); each part has its own verdict there. With several sizes "learns" also
+needs the denoised estimates and the edits to pass at every size.
 
 Continuing an editor (`--continue_from DIR`, DIR an earlier check's --output_dir): the trained
 pipeline in DIR/run (8 channels, its VAE already fitted) is trained further, with the trainer's
@@ -64,8 +72,8 @@ sys.path.insert(0, str(REPO))
 import torch  # noqa: E402
 
 from ip2p.tiny.learning import (  # noqa: E402
-    Sampling, denoised_errors, denoised_verdict, edit_errors, edit_verdict, fit_vae, heldout_verdict,
-    training_images)
+    Sampling, denoised_errors, denoised_verdict, edit_errors, edit_verdict, fit_vae, heldout_verdict, pool,
+    size_groups, training_images)
 
 
 def run(cmd: list[str], log: Path) -> None:
@@ -87,7 +95,8 @@ def train_cmd(a, model: Path, data: Path, out: Path) -> list[str]:
             "--lr_scheduler", "cosine", "--use_ema", "--ema_decay", str(a.ema_decay),
             "--validation_steps", str(a.validation_steps), "--checkpointing_steps", "1000000",
             "--report_to", "none", "--seed", str(a.seed),
-            *(lora_flags(a) if a.lora_rank else [])]
+            *(lora_flags(a) if a.lora_rank else []),
+            *(["--aspect_ratio_buckets"] if len(a.sizes.split(",")) > 1 else [])]
 
 
 def lora_flags(a) -> list[str]:
@@ -100,42 +109,61 @@ def read_curve(out: Path) -> list[dict]:
     return [json.loads(line) for line in path.read_text().splitlines() if line.strip()] if path.exists() else []
 
 
-def check_edits(pipeline_dir: Path, data: Path, n: int, seed: int) -> dict:
-    """ip2p.tiny.learning.edit_errors on the first `n` held-out pairs, with inference.py's defaults."""
+def check_edits_by_size(pipeline_dir: Path, data: Path, n: int, seed: int) -> dict[str, dict]:
+    """ip2p.tiny.learning.edit_errors on the first `n` held-out pairs of each image size, at that
+    size, with inference.py's defaults: {"WIDTHxHEIGHT": errors}."""
     import datasets
     from diffusers import DiffusionPipeline
 
     held = datasets.load_from_disk(str(data))["validation"]
-    held = held.select(range(min(n, len(held))))
     # the pipeline class its model_index.json names (either family)
     pipe = DiffusionPipeline.from_pretrained(pipeline_dir, local_files_only=True)
     pipe.set_progress_bar_config(disable=True)
-    return edit_errors(pipe, list(held["input_image"]), list(held["edit_prompt"]),
-                       list(held["edited_image"]), Sampling(seed=seed))
+    inputs, prompts, truth = list(held["input_image"]), list(held["edit_prompt"]), list(held["edited_image"])
+    return {size: edit_errors(pipe, [inputs[i] for i in members[:n]], [prompts[i] for i in members[:n]],
+                              [truth[i] for i in members[:n]], Sampling(seed=seed))
+            for size, members in size_groups(inputs).items()}
+
+
+def check_edits(pipeline_dir: Path, data: Path, n: int, seed: int) -> dict:
+    """`check_edits_by_size`, pooled over the sizes."""
+    return pool(list(check_edits_by_size(pipeline_dir, data, n, seed).values()))
 
 
 def check_denoising(cmd: list[str], pipeline_dir: Path) -> dict:
-    """ip2p.tiny.learning.denoised_errors on the held-out pairs the trainer used (same flags, same
-    encoding), with the trained UNet."""
+    """On the held-out pairs the trainer used (same flags, same encoding, each at its bucket when
+    there are buckets), with the trained UNet, at each image size: ip2p.tiny.learning.denoised_errors
+    ("denoised") and the held-out losses of the final weights ("heldout")."""
     from diffusers import UNet2DConditionModel
 
+    from ip2p.models import load_parts, vae_scale_factor
     from ip2p.training.config import parse_config
-    from ip2p.training.pairs import load_splits
-    from ip2p.models import load_parts
+    from ip2p.training.heldout import heldout_losses
     from ip2p.training.loop import encode_heldout_split
+    from ip2p.training.pairs import load_splits
 
     cfg = parse_config(cmd[2:])
     parts = load_parts(cfg)
-    held = encode_heldout_split(cfg, parts, load_splits(cfg)[1], torch.device("cpu"), torch.float32)
+    buckets = None
+    if cfg.aspect_ratio_buckets:  # the list the trainer wrote, (height, width) each
+        listed = json.loads((Path(cfg.output_dir) / "logs" / "buckets.json").read_text())["listed"]
+        buckets = [tuple(int(x) for x in reversed(b.split("x"))) for b in listed]
+    held = encode_heldout_split(cfg, parts, load_splits(cfg)[1], torch.device("cpu"), torch.float32, buckets)
     unet = UNet2DConditionModel.from_pretrained(pipeline_dir, subfolder="unet").eval()
-    return denoised_errors(unet, held.batch, parts.noise_scheduler, parts.vae.config.scaling_factor)
+    sf, scale, out = parts.vae.config.scaling_factor, vae_scale_factor(parts.vae), {}
+    for group in held if isinstance(held, list) else [held]:
+        h, w = (scale * n for n in group.batch.original_latents.shape[-2:])
+        losses = heldout_losses(unet, group, parts.noise_scheduler, sf, torch.float32)
+        out[f"{w}x{h}"] = {"denoised": denoised_errors(unet, group.batch, parts.noise_scheduler, sf),
+                           "heldout": {"pairs": len(group.batch), **{k: round(v, 5) for k, v in losses.items()}}}
+    return out
 
 
 def make_data(py: str, work: Path, name: str, a, num_pairs: int, val_fraction: float, seed: int) -> Path:
     """Synthetic pairs of the kinds in --edits, converted with a held-out split."""
     raw, data = work / f"{name}_pairs", work / f"{name}_data"
-    run([py, "-m", "ip2p.tiny.sample_data", "--output_dir", str(raw), "--num_pairs", str(num_pairs), "--size", "64",
-         "--seed", str(seed), "--edits", a.edits, "--overwrite"], work / f"{name}_sample_data.log")
+    run([py, "-m", "ip2p.tiny.sample_data", "--output_dir", str(raw), "--num_pairs", str(num_pairs),
+         "--sizes", a.sizes, "--seed", str(seed), "--edits", a.edits, "--overwrite"], work / f"{name}_sample_data.log")
     run([py, "convert_to_hf_dataset.py", "--data_dir", str(raw), "--output_dir", str(data),
          "--val_fraction", str(val_fraction), "--overwrite"], work / f"{name}_convert.log")
     return data
@@ -207,6 +235,9 @@ def parse_args(argv):
                    help="edit kinds of the training pairs (python -m ip2p.tiny.sample_data --edits)")
     p.add_argument("--new_edit", default="remove_shape",
                    help="with --continue_from: the edit kind the first run never saw, measured alone")
+    p.add_argument("--sizes", default="64x64",
+                   help="the pairs' WIDTHxHEIGHT, comma-separated, taken in turn (e.g. 48x80,80x48,64x64); "
+                        "more than one trains with --aspect_ratio_buckets and measures at each (default: 64x64)")
     return p.parse_args(argv)
 
 
@@ -224,7 +255,7 @@ def main(argv=None) -> int:
     py, timings = sys.executable, {}
 
     run([py, "-m", "ip2p.tiny.sample_data", "--output_dir", str(raw), "--num_pairs", str(a.num_pairs),
-         "--size", "64", "--seed", str(a.seed), "--edits", a.edits, "--overwrite"], work / "sample_data.log")
+         "--sizes", a.sizes, "--seed", str(a.seed), "--edits", a.edits, "--overwrite"], work / "sample_data.log")
     run([py, "convert_to_hf_dataset.py", "--data_dir", str(raw), "--output_dir", str(data),
          "--val_fraction", "0.15", "--overwrite"], work / "convert.log")
     run([py, "-m", "ip2p.tiny.model", "--output_dir", str(model), "--family", a.family, "--seed", str(a.seed),
@@ -245,18 +276,31 @@ def main(argv=None) -> int:
         raise SystemExit(f"no held-out losses in {out}/logs/heldout.jsonl; see {work}/train.log")
 
     t = time.time()
-    errors = check_edits(out, data, a.eval_pairs, a.seed)
-    denoising = check_denoising(cmd, out)
+    errors_by_size = check_edits_by_size(out, data, a.eval_pairs, a.seed)
+    by_size = check_denoising(cmd, out)
     timings["edit_check_s"] = round(time.time() - t, 1)
+    errors = pool(list(errors_by_size.values()))
+    denoising = pool([m["denoised"] for m in by_size.values()])
 
     held, edits, denoised = heldout_verdict(curve[-1]), edit_verdict(errors), denoised_verdict(denoising)
+    per_size = {size: {"edit_verdict": edit_verdict(errors_by_size[size]),
+                       "denoised_verdict": denoised_verdict(m["denoised"]),
+                       "heldout_verdict": heldout_verdict(m["heldout"])} for size, m in by_size.items()}
     learns = all((held["uses_instruction"], held["uses_photo"], denoised["beats_copy_prior"],
                   denoised["wrong_instruction_worse"], edits["beats_copying_input"],
-                  edits["wrong_instruction_worse"]))
+                  edits["wrong_instruction_worse"],
+                  # with several sizes, the edit at each (the held-out loss per size is reported)
+                  *(v["edit_verdict"]["beats_copying_input"] and v["edit_verdict"]["wrong_instruction_worse"]
+                    and v["denoised_verdict"]["beats_copy_prior"] and v["denoised_verdict"]["wrong_instruction_worse"]
+                    for v in per_size.values())))
     summary = {
         "learns": learns,
         "heldout_final": curve[-1], "heldout_verdict": held, "denoised_verdict": denoised,
         "edit_verdict": edits, "edit_errors": errors, "denoised_errors": denoising,
+        "verdicts_by_size": per_size, "edit_errors_by_size": errors_by_size,
+        "denoised_errors_by_size": {size: m["denoised"] for size, m in by_size.items()},
+        "heldout_by_size": {size: m["heldout"] for size, m in by_size.items()},
+        "buckets": json.loads((out / "logs" / "buckets.json").read_text()) if (out / "logs" / "buckets.json").is_file() else None,
         "heldout_curve": curve, "vae": vae,
         "timings": timings, "wall_time_s": round(time.time() - t0, 1),
         "command": shlex.join([py, "benchmarks/learning_check.py"] + (argv if argv is not None else sys.argv[1:])),

@@ -292,9 +292,9 @@ def test_sd15_trains_on_the_same_buckets(three_aspects, tiny_sd15, tmp_path):
     assert [m["step"] for m in metrics(out)] == [1, 2, 3] and (out / "model_index.json").is_file()
 
 
-def test_the_upscale_warning_compares_a_bucketed_photo_by_area(three_aspects):
-    """48x96 photos have a short side below 64 but more pixels than 64²: with buckets they are not
-    upscaled (their bucket is 80x48), so only the square run warns."""
+def test_the_upscale_warning_compares_a_bucketed_photo_with_its_bucket(three_aspects):
+    """48x96 photos have a short side below 64, but they cover their bucket (48x80): with buckets
+    they are not upscaled, so only the square run warns; around 96² their bucket is larger."""
     import datasets
 
     from ip2p.training.config import TrainConfig
@@ -303,7 +303,28 @@ def test_the_upscale_warning_compares_a_bucketed_photo_by_area(three_aspects):
     ds = datasets.load_from_disk(str(three_aspects))
     square = upscale_warning(ds, TrainConfig(resolution=64))
     assert square.startswith("8 of 12 sampled training photos have a short side below --resolution 64 (median 48 px)")
-    assert upscale_warning(ds, TrainConfig(resolution=64, aspect_ratio_buckets=True)) is None
-    small = upscale_warning(ds, TrainConfig(resolution=96, aspect_ratio_buckets=True))
-    assert small.startswith("12 of 12 sampled training photos have fewer pixels than --resolution² 96 "
-                            "(median side of a square of the same area 67 px)")
+    assert upscale_warning(ds, TrainConfig(resolution=64, aspect_ratio_buckets=True), bk.default_buckets(64, 16)) is None
+    small = upscale_warning(ds, TrainConfig(resolution=96, aspect_ratio_buckets=True), bk.default_buckets(96, 16))
+    assert small.startswith("12 of 12 sampled training photos are smaller than their aspect-ratio bucket around "
+                            "--resolution 96 (median side of a square of the same area 67 px)")
+
+
+def test_photos_exactly_at_their_bucket_are_not_called_upscaled(tmp_path):
+    """48x80 and 80x48 hold fewer pixels than 64², but they are buckets of --resolution 64: such
+    photos are used as they are, so there is nothing to warn about."""
+    import datasets
+
+    from ip2p.tiny.sample_data import make_pairs
+    from ip2p.training.config import TrainConfig
+    from ip2p.training.pairs import upscale_warning
+
+    pairs = make_pairs(9, sizes=((48, 80), (80, 48), (64, 64)))
+    ds = datasets.Dataset.from_dict({"input_image": [p.input_image for p in pairs],
+                                     "edit_prompt": [p.edit_prompt for p in pairs],
+                                     "edited_image": [p.edited_image for p in pairs]},
+                                    features=datasets.Features({"input_image": datasets.Image(),
+                                                                "edit_prompt": datasets.Value("string"),
+                                                                "edited_image": datasets.Image()}))
+    cfg = TrainConfig(resolution=64, aspect_ratio_buckets=True)
+    assert upscale_warning(ds, cfg, bk.default_buckets(64, 16)) is None
+    assert upscale_warning(ds, TrainConfig(resolution=64)) is not None  # square crops do upscale them

@@ -72,6 +72,9 @@ def test_shipped_recipes_parse():
         lora = parse_config(["--config", name])
         assert lora.lora_rank == 16 and lora.gradient_checkpointing and lora.mixed_precision == "bf16"
         assert lora.save_merged and lora.lora_target_modules == TrainConfig().lora_target_modules
+        # SDXL was trained on aspect-ratio buckets; the SD 1.5 recipes keep the paper's square crops
+        assert lora.aspect_ratio_buckets == name.startswith("configs/sdxl") and not lora.bucket_list
+    assert cfg.aspect_ratio_buckets and not sd15.aspect_ratio_buckets and not TrainConfig().aspect_ratio_buckets
     assert (cfg.use_ema, cfg.conditioning_dropout_prob, cfg.learning_rate, cfg.lr_scheduler) == (False, 0.05, 5e-6, "constant")
 
 

@@ -89,3 +89,17 @@ def test_zero2_trains_skips_a_non_finite_step_checkpoints_and_resumes(tiny_sdxl,
     pipe = StableDiffusionXLInstructPix2PixPipeline.from_pretrained(out)
     assert pipe.unet.config.in_channels == 8
     assert all(torch.isfinite(p).all() for p in pipe.unet.parameters())
+
+
+def test_zero2_trains_with_aspect_ratio_buckets(tiny_sdxl, zero2_config, tmp_path):
+    """A batch sampler leaves the DataLoader's batch_size unset, from which accelerate fills
+    DeepSpeed's "auto" micro-batch size: the kit states it instead (it crashed at prepare)."""
+    from test_buckets import write_three_aspect_pairs
+
+    data, out = write_three_aspect_pairs(tmp_path / "data"), tmp_path / "run"
+    log = launch(zero2_config, ROOT / "train_instruct_pix2pix_sdxl.py", "--config", "configs/tiny_cpu.yaml",
+                 "--pretrained_model_name_or_path", tiny_sdxl, "--data_dir", data, "--output_dir", out,
+                 "--report_to", "none", "--aspect_ratio_buckets", "--max_train_steps", 3,
+                 "--checkpointing_steps", 100, "--validation_steps", 100)
+    assert "3 in use of 5, 12 samples" in log and "1 processes x 4 per device x 1 accumulation" in log
+    assert [r["step"] for r in metrics(out)] == [1, 2, 3] and (out / "model_index.json").is_file()

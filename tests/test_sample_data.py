@@ -1,5 +1,6 @@
 """The demo's synthetic edit set: deterministic, and each instruction names exactly the change made."""
 
+import hashlib
 import json
 import re
 
@@ -47,9 +48,12 @@ def kind(prompt):
     return "swap" if len(re.findall(r"square|circle", prompt)) == 2 else "recolour"
 
 
-@pytest.mark.parametrize("seed", range(3))
-def test_the_edit_is_exactly_what_the_instruction_says(seed):
-    for pair in make_pairs(40, 64, seed=seed):
+MIXED = ((48, 80), (80, 48), (64, 64))  # portrait, landscape, square (width, height)
+
+
+@pytest.mark.parametrize("seed,sizes", [(0, None), (1, None), (2, None), (0, MIXED), (1, MIXED)])
+def test_the_edit_is_exactly_what_the_instruction_says(seed, sizes):
+    for pair in make_pairs(40, 64, seed=seed, sizes=sizes):
         before, after = as_array(pair.input_image), as_array(pair.edited_image)
         changed = (before != after).any(axis=-1)
         assert changed.any(), pair.edit_prompt
@@ -86,6 +90,43 @@ def test_remove_shape_turns_exactly_the_shapes_pixels_into_the_background():
         assert not mask_of(pair.edited_image, shape_colour).any()  # ... and the shape's colour is gone
         assert pair.edit_prompt.split()[-1] in pair.input_caption and " on " not in pair.output_caption
     assert "remove_shape" not in EDITS  # never drawn by default
+
+
+def test_sizes_take_turns_and_leave_the_square_stream_as_it_was():
+    """Pair i is sizes[i % 3], both images; the shape stays inside the short side. A square run
+    draws the same pairs as before --sizes existed (their digest, recorded then)."""
+    pairs = make_pairs(9, seed=5, sizes=MIXED)
+    assert [p.input_image.size for p in pairs] == list(MIXED) * 3
+    assert all(p.edited_image.size == p.input_image.size for p in pairs)
+    for pair in pairs:
+        w, h = pair.input_image.size
+        shape = mask_of(pair.input_image, pair.input_caption.split(" on ")[0].split()[1])
+        ys, xs = np.nonzero(shape)
+        assert shape.any() and ys.max() - ys.min() < min(w, h) and xs.max() - xs.min() < min(w, h)
+    digest = hashlib.sha256()
+    for p in make_pairs(8, 32, seed=0) + [held_out_example(32, 0)]:
+        digest.update(p.input_image.tobytes() + p.edited_image.tobytes() + p.edit_prompt.encode())
+    assert digest.hexdigest()[:16] == "eae89d69da3be299"
+    assert [p.edit_prompt for p in make_pairs(8, 32, seed=0, sizes=((32, 32),))] == \
+        [p.edit_prompt for p in make_pairs(8, 32, seed=0)]
+
+
+def test_cli_sizes_writes_each_shape_and_rejects_bad_ones(tmp_path, capsys):
+    out = tmp_path / "mixed"
+    assert main(["--output_dir", str(out), "--num_pairs", "4", "--sizes", "48x80, 80x48,64x64"]) == 0
+    rows = [json.loads(line) for line in (out / "manifest.jsonl").read_text().splitlines()]
+    for row, size in zip(rows, [(48, 80), (80, 48), (64, 64), (48, 80)]):
+        for key in ("input_image", "edited_image"):
+            with Image.open(out / row[key]) as image:
+                assert image.size == size
+    with Image.open(out / "photo.png") as photo:
+        assert photo.size == (48, 80)
+    assert "(48x80,80x48,64x64)" in capsys.readouterr().out
+    for bad, says in (("48x80,wide", "'wide' is not WIDTHxHEIGHT"), ("8x64", "side under 16")):
+        assert main(["--output_dir", str(tmp_path / "bad"), "--sizes", bad]) == 2
+        err = capsys.readouterr().err.strip()
+        assert says in err and "\n" not in err
+        assert not (tmp_path / "bad").exists()
 
 
 def test_held_out_photo_is_not_a_training_input():

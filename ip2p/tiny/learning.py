@@ -12,6 +12,9 @@ pairs whose edit the instruction fully determines (python -m ip2p.tiny.sample_da
 
 A random tiny VAE scrambles images (shared design notes), so `fit_vae` first fits the tiny model's
 own VAE (same class and config) on the training images for a few minutes.
+
+Pairs of several sizes (aspect-ratio buckets) are measured one size at a time (`size_groups`: one
+pipeline call, one latent shape each) and `pool`ed into the mean over all pairs.
 """
 
 from __future__ import annotations
@@ -29,25 +32,35 @@ from ip2p.tiny.model import pin_logvar
 from ip2p.training.pairs import to_tensor
 
 
-def training_images(data_dir: str | Path, split: str = "train") -> torch.Tensor:
-    """Both images of every pair of a converted dataset's split, stacked: (2N, 3, H, W)."""
+def training_images(data_dir: str | Path, split: str = "train") -> list[torch.Tensor]:
+    """Both images of every pair of a converted dataset's split, one stack per image shape (in the
+    order first seen): [(n, 3, H, W), ...], a single stack when every image has the same size."""
     import datasets
 
     rows = datasets.load_from_disk(str(data_dir))[split]
-    return torch.stack([to_tensor(row[c]) for row in rows for c in ("input_image", "edited_image")])
+    groups: dict[tuple[int, ...], list[torch.Tensor]] = {}
+    for row in rows:
+        for column in ("input_image", "edited_image"):
+            x = to_tensor(row[column])
+            groups.setdefault(tuple(x.shape), []).append(x)
+    return [torch.stack(group) for group in groups.values()]
 
 
-def fit_vae(model_dir: str | Path, images: torch.Tensor, steps: int, seed: int = 0,
+def fit_vae(model_dir: str | Path, images: torch.Tensor | list[torch.Tensor], steps: int, seed: int = 0,
             batch_size: int = 32, lr: float = 2e-3) -> dict:
-    """Fit the model folder's VAE to reconstruct `images`, recalibrate `scaling_factor` so the
-    latents have unit variance on them (as SDXL's 0.13025 does on photos), save it in place.
+    """Fit the model folder's VAE to reconstruct `images` (one stack, or one per image shape),
+    recalibrate `scaling_factor` so the latents have unit variance on them (as SDXL's 0.13025 does
+    on photos), save it in place.
 
     Pixel-space MSE on the posterior mean with Adam and a cosine schedule; random horizontal
-    flips, as training uses them. Returns what the fit reached.
+    flips, as training uses them; with several shapes each batch is one shape, drawn in proportion
+    to its images. Returns what the fit reached.
     """
     from diffusers import AutoencoderKL
 
     model_dir = Path(model_dir)
+    groups = [images] if isinstance(images, torch.Tensor) else list(images)
+    weights = torch.tensor([float(len(x)) for x in groups])
     torch.manual_seed(seed)
     vae = AutoencoderKL.from_pretrained(model_dir, subfolder="vae")
     pin_logvar(vae)
@@ -57,7 +70,9 @@ def fit_vae(model_dir: str | Path, images: torch.Tensor, steps: int, seed: int =
     g = torch.Generator().manual_seed(seed)
     start = time.time()
     for step in range(steps):
-        x = images[torch.randint(len(images), (batch_size,), generator=g)]
+        # one shape alone draws nothing for the choice, so its stream is what it always was
+        group = groups[torch.multinomial(weights, 1, generator=g).item()] if len(groups) > 1 else groups[0]
+        x = group[torch.randint(len(group), (batch_size,), generator=g)]
         if torch.rand((), generator=g) < 0.5:
             x = x.flip(-1)
         loss = F.mse_loss(vae.decode(vae.encode(x).latent_dist.mean).sample, x)
@@ -70,16 +85,19 @@ def fit_vae(model_dir: str | Path, images: torch.Tensor, steps: int, seed: int =
             print(f"vae step {step}: reconstruction mse {loss.item():.4f} "
                   f"({time.time() - start:.0f}s)", flush=True)
     vae.eval()
+    latents, errors = [], []
     with torch.no_grad():
-        z = torch.cat([vae.encode(images[i:i + 64]).latent_dist.mean
-                       for i in range(0, len(images), 64)])
-        rec = torch.cat([vae.decode(z[i:i + 64]).sample for i in range(0, len(z), 64)])
-    std = z.std().item()
+        for x in groups:
+            z = torch.cat([vae.encode(x[i:i + 64]).latent_dist.mean for i in range(0, len(x), 64)])
+            rec = torch.cat([vae.decode(z[i:i + 64]).sample for i in range(0, len(z), 64)])
+            latents.append(z.flatten())
+            errors.append((rec - x).pow(2).flatten())
+    std = torch.cat(latents).std().item()
     vae.register_to_config(scaling_factor=round(1.0 / std, 5))
     vae.save_pretrained(model_dir / "vae", safe_serialization=True)
-    return {"steps": steps, "seconds": round(time.time() - start, 1), "images": len(images),
-            "reconstruction_mse": round(F.mse_loss(rec, images).item(), 5),
-            "pixel_variance": round(images.var().item(), 5),
+    return {"steps": steps, "seconds": round(time.time() - start, 1), "images": sum(len(x) for x in groups),
+            "reconstruction_mse": round(torch.cat(errors).mean().item(), 5),
+            "pixel_variance": round(torch.cat([x.flatten() for x in groups]).var().item(), 5),
             "scaling_factor": vae.config.scaling_factor}
 
 
@@ -156,6 +174,31 @@ def _decode(vae, z: torch.Tensor) -> torch.Tensor:
                       for i in range(0, len(z), 64)])
 
 
+def size_groups(images: list[Image.Image]) -> dict[str, list[int]]:
+    """The indices of `images` by size, "WIDTHxHEIGHT" keys in the order first seen: the
+    measurements run per size (one pipeline call, one latent shape), as a bucketed run trains."""
+    groups: dict[str, list[int]] = {}
+    for i, image in enumerate(images):
+        groups.setdefault("{}x{}".format(*image.size), []).append(i)
+    return groups
+
+
+def pool(results: list[dict]) -> dict:
+    """Measurements of several groups of pairs (each result with its "pairs" count) as one: every
+    number the mean over all pairs, nested rows alike, the counts summed."""
+    weights = [r["pairs"] for r in results]
+    total = sum(weights)
+
+    def merge(values: list, key: str | None):
+        if isinstance(values[0], dict):
+            return {k: merge([v[k] for v in values], k) for k in values[0]}
+        if key == "pairs":
+            return total
+        return round(sum(v * w for v, w in zip(values, weights)) / total, 5)
+
+    return merge(results, None)
+
+
 def edit_verdict(errors: dict, margin: float = 0.05) -> dict:
     """The edit is learned when, in latent space, the right instruction's outputs are closer to the
     ground truth than the unchanged photo is, and the wrong instruction's are further away (each
@@ -204,7 +247,7 @@ def denoised_errors(unet, batch, noise_scheduler, scaling_factor: float,
                        return_dict=False)[0]
             row[name.replace("val_loss", "model")] = mse((noisy - (1 - a) ** 0.5 * eps) / a ** 0.5, z)
         rows[str(t)] = {k: round(v, 5) for k, v in row.items()}
-    return {"copy_variance": round(var, 5), "by_timestep": rows}
+    return {"pairs": len(z), "copy_variance": round(var, 5), "by_timestep": rows}
 
 
 def denoised_verdict(errors: dict, timestep: str = "900", margin: float = 0.05) -> dict:

@@ -2,6 +2,7 @@
 
     python -m ip2p.tiny.sample_data --output_dir ./sample-data [--num_pairs 64] [--size 64] [--seed 0]
                                [--edits recolour_shape,recolour_background,swap_shape]
+                               [--sizes 64x64,48x80,80x48]
 
 Each pair is a coloured square or circle on a plain or two-tone background, and one edit:
 "make the square blue" (only the shape's pixels change), "turn the background black" (only the
@@ -10,7 +11,9 @@ size and colour); `--edits remove_shape`, never drawn by default, adds "remove t
 shape's pixels become the background). The edited image is exactly that change and nothing else, so the task is
 learnable by a tiny model in minutes. `--edits` keeps only some of these kinds (the demo uses
 recolour_background alone, the quickest to learn). Colours are saturated, like the images the
-tiny VAE's scaling was calibrated on.
+tiny VAE's scaling was calibrated on. Images are --size pixels square, or with `--sizes` each pair
+takes the next WIDTHxHEIGHT of the list in turn (portrait, landscape and square pairs in equal
+numbers, for aspect-ratio buckets); a pair's two images always share a size.
 
 Writes (manifest paths relative to its folder, the layout `convert_to_hf_dataset.py` reads):
 
@@ -90,14 +93,21 @@ class EditPair:
     output_caption: str
 
 
-def render(scene: Scene, size: int) -> Image.Image:
+Size = int | tuple[int, int]  # a square's side, or (width, height) as PIL gives them
+
+
+def width_height(size: Size) -> tuple[int, int]:
+    return (size, size) if isinstance(size, int) else (int(size[0]), int(size[1]))
+
+
+def render(scene: Scene, size: Size) -> Image.Image:
     """Draw a scene without anti-aliasing, so every pixel is exactly one of the scene's colours."""
-    image = Image.new("RGB", (size, size), COLOURS[scene.background[0]])
+    w, h = width_height(size)
+    image = Image.new("RGB", (w, h), COLOURS[scene.background[0]])
     draw = ImageDraw.Draw(image)
     if len(scene.background) == 2:
-        half = size // 2
         vertical = scene.split == "vertical"
-        second = (half, 0, size - 1, size - 1) if vertical else (0, half, size - 1, size - 1)
+        second = (w // 2, 0, w - 1, h - 1) if vertical else (0, h // 2, w - 1, h - 1)
         draw.rectangle(second, fill=COLOURS[scene.background[1]])
     if scene.shape == "square":
         draw.rectangle(scene.box, fill=COLOURS[scene.colour])
@@ -106,11 +116,12 @@ def render(scene: Scene, size: int) -> Image.Image:
     return image
 
 
-def random_scene(rng: random.Random, size: int) -> Scene:
-    background = tuple(rng.sample(sorted(COLOURS), rng.choice((1, 2))))
+def random_scene(rng: random.Random, size: Size) -> Scene:
+    (w, h), background = width_height(size), tuple(rng.sample(sorted(COLOURS), rng.choice((1, 2))))
     colour = rng.choice([c for c in sorted(COLOURS) if c not in background])
-    side = rng.randint(max(4, size * 3 // 10), max(5, size // 2))
-    x0, y0 = rng.randint(0, size - side), rng.randint(0, size - side)
+    short = min(w, h)  # the shape fits the short side, anywhere along the long one
+    side = rng.randint(max(4, short * 3 // 10), max(5, short // 2))
+    x0, y0 = rng.randint(0, w - side), rng.randint(0, h - side)
     return Scene(background, rng.choice(("vertical", "horizontal")), rng.choice(SHAPES), colour,
                  (x0, y0, x0 + side - 1, y0 + side - 1))
 
@@ -144,23 +155,40 @@ def _replace(scene: Scene, **changes) -> Scene:
     return Scene(**{**scene.__dict__, **changes})
 
 
-def make_pair(rng: random.Random, size: int, edits: tuple[str, ...] = EDITS) -> EditPair:
+def make_pair(rng: random.Random, size: Size, edits: tuple[str, ...] = EDITS) -> EditPair:
     scene = random_scene(rng, size)
     instruction, edited = random_edit(rng, scene, edits)
     return EditPair(render(scene, size), instruction, render(edited, size),
                     scene.caption(), edited.caption())
 
 
-def make_pairs(num_pairs: int = 64, size: int = 64, seed: int = 0,
-               edits: tuple[str, ...] = EDITS) -> list[EditPair]:
-    """The edit pairs, in memory; the same arguments give the same pixels and words."""
+def make_pairs(num_pairs: int = 64, size: int = 64, seed: int = 0, edits: tuple[str, ...] = EDITS,
+               sizes: tuple[tuple[int, int], ...] | None = None) -> list[EditPair]:
+    """The edit pairs, in memory; the same arguments give the same pixels and words. With `sizes`
+    ((width, height) each) pair i is sizes[i % len(sizes)], instead of `size` square; the shape of
+    the list takes nothing from the random stream, so one square size gives the pairs it always did."""
     rng, edits = random.Random(seed), check_edits(edits)
-    return [make_pair(rng, size, edits) for _ in range(num_pairs)]
+    shapes = sizes or (size,)
+    return [make_pair(rng, shapes[i % len(shapes)], edits) for i in range(num_pairs)]
 
 
-def held_out_example(size: int = 64, seed: int = 0, edits: tuple[str, ...] = EDITS) -> EditPair:
+def held_out_example(size: Size = 64, seed: int = 0, edits: tuple[str, ...] = EDITS) -> EditPair:
     """One more pair from a separate stream of the seed, never in `make_pairs`' output."""
     return make_pair(random.Random(f"held-out-{seed}"), size, check_edits(edits))
+
+
+def parse_sizes(text: str) -> tuple[tuple[int, int], ...]:
+    """--sizes: comma-separated WIDTHxHEIGHT, each side at least 16; a UserError otherwise."""
+    sizes = []
+    for item in (t.strip().lower() for t in text.split(",")):
+        try:
+            w, h = (int(x) for x in item.split("x"))
+        except ValueError:
+            raise UserError(f"--sizes {text!r}: {item!r} is not WIDTHxHEIGHT; write e.g. 64x64,48x80,80x48") from None
+        if min(w, h) < 16:
+            raise UserError(f"--sizes {text!r}: {item!r} has a side under 16 pixels; make each side at least 16")
+        sizes.append((w, h))
+    return tuple(sizes)
 
 
 def check_edits(edits) -> tuple[str, ...]:
@@ -203,6 +231,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--output_dir", required=True, help="folder to write the edit set into")
     parser.add_argument("--num_pairs", type=int, default=64, help="edit pairs (default: 64)")
     parser.add_argument("--size", type=int, default=64, help="image side in pixels (default: 64)")
+    parser.add_argument("--sizes", default=None,
+                        help="instead of --size: comma-separated WIDTHxHEIGHT (e.g. 64x64,48x80,80x48); "
+                             "pair i takes the i-th in turn")
     parser.add_argument("--seed", type=int, default=0, help="same seed, same files (default: 0)")
     parser.add_argument("--edits", default=",".join(EDITS),
                         help=f"comma-separated edit kinds to draw from "
@@ -220,13 +251,15 @@ def main(argv: list[str] | None = None) -> int:
         raise UserError(f"{out / MANIFEST} already exists; pass --overwrite or choose another "
                         "--output_dir")
     edits = check_edits(e.strip() for e in args.edits.split(",") if e.strip())
-    pairs = make_pairs(args.num_pairs, args.size, args.seed, edits)
-    held_out = held_out_example(args.size, args.seed, edits)
+    sizes = parse_sizes(args.sizes) if args.sizes else None
+    pairs = make_pairs(args.num_pairs, args.size, args.seed, edits, sizes)
+    held_out = held_out_example(sizes[0] if sizes else args.size, args.seed, edits)
     out.parent.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(dir=out.parent, prefix=f".{out.name}.") as staging:
         write_dataset(Path(staging), pairs, held_out)
         publish(Path(staging), out)
-    print(f"wrote {len(pairs)} edit pairs ({args.size}x{args.size}) to {out / MANIFEST}")
+    shown = args.sizes.replace(" ", "") if sizes else f"{args.size}x{args.size}"
+    print(f"wrote {len(pairs)} edit pairs ({shown}) to {out / MANIFEST}")
     print(f"held-out photo: {out / HELD_OUT}; try the instruction: {held_out.edit_prompt!r}")
     return 0
 

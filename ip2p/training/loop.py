@@ -64,7 +64,7 @@ from ip2p.training.setup import (
     place_encoders,
     prepare_models,
 )
-from ip2p.training.step import Objective, train_micro_step
+from ip2p.training.step import Objective, is_deepspeed, train_micro_step
 from ip2p.training.validation import Validator, load_validation_pairs, log_grid
 
 
@@ -164,8 +164,6 @@ def load_inputs(run: Run) -> None:
     run.validation_pairs = load_validation_pairs(cfg)
     run.resume_path = ckpt.resolve_resume(cfg.resume_from_checkpoint, output_dir)
     hf_dataset, heldout_dataset = main_process_first(accelerator, lambda: load_splits(cfg))
-    if main and (warning := upscale_warning(hf_dataset, cfg)):
-        print(f"warning: {warning}", file=sys.stderr, flush=True)
     run.num_pairs = len(hf_dataset)
     run.parts = parts = load_parts(cfg)
     accelerator.print(f"model: {describe_start(parts)}")
@@ -176,6 +174,8 @@ def load_inputs(run: Run) -> None:
         batch_sampler, buckets = bucket_sampler(accelerator, cfg, hf_dataset, parts, pairs)
         run.buckets = batch_sampler.assignment.buckets
         accelerator.print(bucket_table(buckets))
+    if main and (warning := upscale_warning(hf_dataset, cfg, run.buckets)):
+        print(f"warning: {warning}", file=sys.stderr, flush=True)
     if cfg.cache_latents:
         run.train_set = open_cache(accelerator, cfg, hf_dataset, parts, pairs, weight_dtype)
         run.encode_batch = functools.partial(cached_batch, dtype=weight_dtype)
@@ -210,6 +210,11 @@ def build_optimizer(run: Run) -> None:
         register_checkpoint_hooks(accelerator, unet)
     if cfg.torch_compile:  # after the optimizer took the parameters, before DDP wraps the UNet
         unet = compile_unet(unet, cfg.torch_compile_mode)
+    plugin = accelerator.state.deepspeed_plugin if is_deepspeed(accelerator) else None
+    if plugin is not None and run.loader.batch_size is None and plugin.is_auto("train_micro_batch_size_per_gpu"):
+        # a bucket batch sampler leaves the loader's batch_size unset, from which accelerate would
+        # fill DeepSpeed's "auto" micro-batch size (and refuses to): it is --train_batch_size
+        plugin.deepspeed_config["train_micro_batch_size_per_gpu"] = cfg.train_batch_size
     run.unet, run.optimizer, run.loader = accelerator.prepare(unet, optimizer, run.loader)
     run.steps_per_epoch = steps_per_epoch(len(run.loader), cfg.gradient_accumulation_steps)
     run.max_steps = cfg.max_train_steps or cfg.num_train_epochs * run.steps_per_epoch

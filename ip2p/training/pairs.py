@@ -111,24 +111,37 @@ def image_sizes(ds, column: str, picks: list[int] | None = None) -> list[tuple[i
     return sizes
 
 
-def upscale_warning(ds, cfg, n: int = 64) -> str | None:
-    """A warning when most training photos are smaller than --resolution: they would be upscaled
-    without a word, and the model would learn blurry edits. With aspect-ratio buckets a photo is
-    compared by area (a bucket holds about --resolution² pixels, a wide one's short side is less)."""
+def upscale_warning(ds, cfg, buckets=None, n: int = 64) -> str | None:
+    """A warning when most training photos are smaller than what they are resized to: they would be
+    upscaled without a word, and the model would learn blurry edits. Without buckets that is a
+    short side below --resolution; with aspect-ratio buckets (`buckets`, (height, width) each) a
+    photo that does not cover its own bucket (a wide bucket's short side is below --resolution by
+    design, and a photo exactly at its bucket is used as it is)."""
+    from ip2p.training.buckets import nearest
+
     k = min(n, len(ds))
     picks = sorted({round(i * (len(ds) - 1) / max(1, k - 1)) for i in range(k)})
     sizes = [s for s in image_sizes(ds, cfg.original_image_column, picks) if s is not None]
-    by_area = cfg.aspect_ratio_buckets
-    sides = [math.isqrt(h * w) if by_area else min(h, w) for h, w in sizes]
-    small = [s for s in sides if s < cfg.resolution]
+    if buckets:
+        sides = [math.isqrt(h * w) for h, w in sizes]
+        small = [s for s, (h, w) in zip(sides, sizes) if not covers((h, w), buckets[nearest((h, w), buckets)])]
+        what, measure = ("are smaller than their aspect-ratio bucket around --resolution",
+                         "median side of a square of the same area")
+    else:
+        sides = [min(h, w) for h, w in sizes]
+        small = [s for s in sides if s < cfg.resolution]
+        what, measure = "have a short side below --resolution", "median"
     if not sides or len(small) * 2 <= len(sides):
         return None
     median = sorted(sides)[len(sides) // 2]
-    what, measure = (("fewer pixels than --resolution²", "median side of a square of the same area") if by_area
-                     else ("a short side below --resolution", "median"))
-    return (f"{len(small)} of {len(sides)} sampled training photos have {what} {cfg.resolution} "
+    return (f"{len(small)} of {len(sides)} sampled training photos {what} {cfg.resolution} "
             f"({measure} {median} px): they are upscaled to it; train at a --resolution near {median} or with "
             "larger photos")
+
+
+def covers(size: tuple[int, int], bucket: tuple[int, int]) -> bool:
+    """Does a photo of `size` (height, width) hold the bucket without upscaling?"""
+    return size[0] >= bucket[0] and size[1] >= bucket[1]
 
 
 def resize_and_crop(

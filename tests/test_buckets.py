@@ -292,6 +292,14 @@ def test_sd15_trains_on_the_same_buckets(three_aspects, tiny_sd15, tmp_path):
     assert [m["step"] for m in metrics(out)] == [1, 2, 3] and (out / "model_index.json").is_file()
 
 
+def nearest_targets(ds, resolution: int) -> list:
+    """Each sample's bucket of the tiny model's list around `resolution`², as the trainer assigns them."""
+    from ip2p.training.pairs import image_sizes
+
+    listed = bk.default_buckets(resolution, 16)
+    return [listed[bk.nearest(size, listed)] for size in image_sizes(ds, "input_image")]
+
+
 def test_the_upscale_warning_compares_a_bucketed_photo_with_its_bucket(three_aspects):
     """48x96 photos have a short side below 64, but they cover their bucket (48x80): with buckets
     they are not upscaled, so only the square run warns; around 96² their bucket is larger."""
@@ -303,8 +311,8 @@ def test_the_upscale_warning_compares_a_bucketed_photo_with_its_bucket(three_asp
     ds = datasets.load_from_disk(str(three_aspects))
     square = upscale_warning(ds, TrainConfig(resolution=64))
     assert square.startswith("8 of 12 sampled training photos have a short side below --resolution 64 (median 48 px)")
-    assert upscale_warning(ds, TrainConfig(resolution=64, aspect_ratio_buckets=True), bk.default_buckets(64, 16)) is None
-    small = upscale_warning(ds, TrainConfig(resolution=96, aspect_ratio_buckets=True), bk.default_buckets(96, 16))
+    assert upscale_warning(ds, TrainConfig(resolution=64, aspect_ratio_buckets=True), nearest_targets(ds, 64)) is None
+    small = upscale_warning(ds, TrainConfig(resolution=96, aspect_ratio_buckets=True), nearest_targets(ds, 96))
     assert small.startswith("12 of 12 sampled training photos are smaller than their aspect-ratio bucket around "
                             "--resolution 96 (median side of a square of the same area 67 px)")
 
@@ -326,5 +334,5 @@ def test_photos_exactly_at_their_bucket_are_not_called_upscaled(tmp_path):
                                                                 "edit_prompt": datasets.Value("string"),
                                                                 "edited_image": datasets.Image()}))
     cfg = TrainConfig(resolution=64, aspect_ratio_buckets=True)
-    assert upscale_warning(ds, cfg, bk.default_buckets(64, 16)) is None
+    assert upscale_warning(ds, cfg, nearest_targets(ds, 64)) is None
     assert upscale_warning(ds, TrainConfig(resolution=64)) is not None  # square crops do upscale them

@@ -174,7 +174,7 @@ def load_inputs(run: Run) -> None:
         batch_sampler, buckets = bucket_sampler(accelerator, cfg, hf_dataset, parts, pairs)
         run.buckets = batch_sampler.assignment.buckets
         accelerator.print(bucket_table(buckets))
-    if main and (warning := upscale_warning(hf_dataset, cfg, run.buckets)):
+    if main and (warning := upscale_warning(hf_dataset, cfg, pairs.targets)):
         print(f"warning: {warning}", file=sys.stderr, flush=True)
     if cfg.cache_latents:
         run.train_set = open_cache(accelerator, cfg, hf_dataset, parts, pairs, weight_dtype)

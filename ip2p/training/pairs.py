@@ -111,25 +111,24 @@ def image_sizes(ds, column: str, picks: list[int] | None = None) -> list[tuple[i
     return sizes
 
 
-def upscale_warning(ds, cfg, buckets=None, n: int = 64) -> str | None:
+def upscale_warning(ds, cfg, targets=None, n: int = 64) -> str | None:
     """A warning when most training photos are smaller than what they are resized to: they would be
     upscaled without a word, and the model would learn blurry edits. Without buckets that is a
-    short side below --resolution; with aspect-ratio buckets (`buckets`, (height, width) each) a
-    photo that does not cover its own bucket (a wide bucket's short side is below --resolution by
-    design, and a photo exactly at its bucket is used as it is)."""
-    from ip2p.training.buckets import nearest
-
+    short side below --resolution; with aspect-ratio buckets (`targets`: each sample's bucket,
+    (height, width), as TrainPairs.use_buckets got them) a photo that does not cover its own
+    bucket (a wide bucket's short side is below --resolution by design, and a photo exactly at its
+    bucket is used as it is)."""
     k = min(n, len(ds))
     picks = sorted({round(i * (len(ds) - 1) / max(1, k - 1)) for i in range(k)})
-    sizes = [s for s in image_sizes(ds, cfg.original_image_column, picks) if s is not None]
-    if buckets:
-        sides = [math.isqrt(h * w) for h, w in sizes]
-        small = [s for s, (h, w) in zip(sides, sizes) if not covers((h, w), buckets[nearest((h, w), buckets)])]
+    sized = [(i, s) for i, s in zip(picks, image_sizes(ds, cfg.original_image_column, picks)) if s is not None]
+    if targets is not None:
+        sides = [math.isqrt(h * w) for _, (h, w) in sized]
+        small = [side for side, (i, size) in zip(sides, sized) if not covers(size, targets[i])]
         what, measure = ("are smaller than their aspect-ratio bucket around --resolution",
                          "median side of a square of the same area")
     else:
-        sides = [min(h, w) for h, w in sizes]
-        small = [s for s in sides if s < cfg.resolution]
+        sides = [min(h, w) for _, (h, w) in sized]
+        small = [side for side in sides if side < cfg.resolution]
         what, measure = "have a short side below --resolution", "median"
     if not sides or len(small) * 2 <= len(sides):
         return None

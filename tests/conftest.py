@@ -7,6 +7,7 @@ os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 os.environ.setdefault("HF_HUB_DISABLE_TELEMETRY", "1")
 
+import contextlib
 import io
 import signal
 import subprocess
@@ -16,6 +17,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
+ROOT = Path(__file__).resolve().parents[1]
 
 def communicate_or_kill(proc: subprocess.Popen, timeout: int) -> tuple[str, str]:
     """The output of a process started with start_new_session=True; past `timeout` its whole
@@ -34,6 +36,109 @@ def run_in_session(cmd: list, timeout: int, **kwargs) -> subprocess.CompletedPro
                             start_new_session=True, **kwargs)
     out, err = communicate_or_kill(proc, timeout)
     return subprocess.CompletedProcess(proc.args, proc.returncode, out, err)
+
+
+@contextlib.contextmanager
+def captured_output(folder: Path):
+    """Everything written to stdout and stderr meanwhile, by Python code, C code and forked children
+    (DataLoader workers) alike, into two files; yields a function that returns (stdout, stderr)."""
+    import sys
+
+    files = [open(folder / name, "w+", encoding="utf-8", errors="replace") for name in ("stdout", "stderr")]
+    saved_fds = [os.dup(1), os.dup(2)]
+    saved_streams = sys.stdout, sys.stderr
+    for stream in saved_streams:
+        stream.flush()
+    os.dup2(files[0].fileno(), 1)
+    os.dup2(files[1].fileno(), 2)
+    sys.stdout, sys.stderr = files
+
+    def read() -> tuple[str, str]:
+        texts = []
+        for f in files:
+            f.flush()
+            f.seek(0)
+            texts.append(f.read())
+        return texts[0], texts[1]
+
+    try:
+        yield read
+    finally:
+        for f in files:
+            f.flush()
+        sys.stdout, sys.stderr = saved_streams
+        os.dup2(saved_fds[0], 1)
+        os.dup2(saved_fds[1], 2)
+        for fd in saved_fds:
+            os.close(fd)
+        for f in files:
+            f.close()
+
+
+@contextlib.contextmanager
+def as_a_process_warns():
+    """Warnings printed to stderr as a new interpreter prints them (pytest would collect them)."""
+    import sys
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.resetwarnings()  # also forgets which warnings were already shown
+        warnings.simplefilter("default")
+        for category in (DeprecationWarning, PendingDeprecationWarning, ImportWarning, ResourceWarning):
+            warnings.simplefilter("ignore", category)
+        warnings.showwarning = lambda message, category, filename, lineno, file=None, line=None: sys.stderr.write(
+            warnings.formatwarning(message, category, filename, lineno, line))
+        yield
+
+
+def reset_accelerate() -> None:
+    """accelerate keeps its state in process-wide singletons; a new run in the same process (other
+    mixed precision, other accumulation) needs them cleared, as a new process would have them."""
+    from accelerate.state import AcceleratorState, GradientState
+
+    AcceleratorState._reset_state(reset_partial_state=True)
+    GradientState._reset_state()
+
+
+def run_main(main, argv: list) -> subprocess.CompletedProcess:
+    """A script's `main(argv)` in this process, as its subprocess would run: its output captured,
+    the signal handlers and accelerate's state as they were before. A bug keeps its traceback,
+    with the output so far printed after it."""
+    import tempfile
+
+    handlers = {sig: signal.getsignal(sig) for sig in (signal.SIGTERM, signal.SIGINT)}
+    argv, out, err, cwd = [str(a) for a in argv], "", "", os.getcwd()
+    os.chdir(ROOT)  # where a script's relative paths (configs/...) are read from, as in its subprocess
+    try:
+        with tempfile.TemporaryDirectory() as folder, captured_output(Path(folder)) as read, as_a_process_warns():
+            try:
+                code = main(argv)
+            except SystemExit as e:  # argparse's own errors
+                code = e.code if isinstance(e.code, int) else 1
+            finally:
+                out, err = read()
+    except BaseException:
+        print(f"output of {argv[:6]}:\n{out[-3000:]}\n{err[-6000:]}")
+        raise
+    finally:
+        os.chdir(cwd)
+        reset_accelerate()
+        for sig, handler in handlers.items():
+            signal.signal(sig, handler)
+    return subprocess.CompletedProcess(argv, code, out, err)
+
+
+def train_in_process(*args, check: bool = True) -> subprocess.CompletedProcess:
+    """train_instruct_pix2pix_sdxl.py's main in this process: the same code as `python
+    train_instruct_pix2pix_sdxl.py ARGS` without a new interpreter's 8 s of imports (a tiny run's
+    steps take a fraction of a second). Tests of the launcher, of signals and of several processes
+    start a real process instead (run_in_session)."""
+    from train_instruct_pix2pix_sdxl import main
+
+    proc = run_main(main, list(args))
+    if check and proc.returncode != 0:
+        raise AssertionError(f"training failed ({proc.returncode}):\n{proc.stderr[-4000:]}")
+    return proc
 
 
 def png_bytes(array: np.ndarray) -> bytes:
@@ -87,6 +192,23 @@ def tiny_sd15_ip2p(tmp_path_factory) -> Path:
 @pytest.fixture(scope="session")
 def tiny_pairs(tmp_path_factory) -> Path:
     return write_pairs_dataset(tmp_path_factory.mktemp("pairs") / "data")
+
+
+@pytest.fixture(scope="session")
+def converted_pairs(tmp_path_factory) -> Path:
+    """20 of the demo's edit pairs, written by `python -m ip2p.tiny.sample_data` and converted by
+    convert_to_hf_dataset.py with two worker processes and a quarter held out: the converter's real
+    output, made once per test run for every test that only reads it."""
+    from convert_to_hf_dataset import main as convert_main
+    from ip2p.tiny.sample_data import main as sample_data_main
+
+    root = tmp_path_factory.mktemp("converted")
+    made = run_main(sample_data_main, ["--output_dir", root / "pairs", "--num_pairs", 20])
+    assert made.returncode == 0, made.stderr[-2000:]
+    proc = run_main(convert_main, ["--data_dir", root / "pairs", "--output_dir", root / "data_hf", "--num_proc", 2,
+                                   "--val_fraction", 0.25])
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    return root / "data_hf"
 
 
 @pytest.fixture(scope="session")

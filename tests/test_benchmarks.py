@@ -27,6 +27,7 @@ def positive(x) -> bool:
     return isinstance(x, (int, float)) and math.isfinite(x) and x > 0
 
 
+@pytest.mark.slow
 def test_step_variants_one_row_each_and_compiling_changes_no_loss(tmp_path):
     out = tmp_path / "rows.jsonl"
     proc = throughput("--steps", "2", "--warmup", "1", "--num_samples", "8", "--loader_workers", "0",
@@ -57,6 +58,7 @@ def test_step_variants_one_row_each_and_compiling_changes_no_loss(tmp_path):
 
 
 
+@pytest.mark.slow
 def test_the_lora_step_trains_only_the_adapters_of_the_24gb_recipe(tmp_path):
     proc = throughput("--steps", "1", "--warmup", "1", "--num_samples", "8", "--loader_workers", "0",
                       "--variants", "lora_24gb")
@@ -66,6 +68,7 @@ def test_the_lora_step_trains_only_the_adapters_of_the_24gb_recipe(tmp_path):
     assert all(positive(row[k]) for k in ("samples_per_s", "step_ms", "last_loss")), row
 
 
+@pytest.mark.slow
 def test_lora_checkpoint_benchmark_counts_what_trains_and_weighs_the_checkpoint():
     proc = run_in_session([sys.executable, "benchmarks/lora_checkpoint.py", "--tiny", "--rank", "4"], timeout=300,
                           cwd=ROOT)
@@ -79,6 +82,7 @@ def test_lora_checkpoint_benchmark_counts_what_trains_and_weighs_the_checkpoint(
     assert row["checkpoint_bytes"] < row["full_finetune_checkpoint_bytes"] / 3
 
 
+@pytest.mark.slow
 def test_the_sd15_step_is_timed_on_its_own_family():
     proc = throughput("--family", "sd15", "--steps", "1", "--warmup", "1", "--num_samples", "8",
                       "--loader_workers", "0", "--variants", "adamw")
@@ -87,6 +91,7 @@ def test_the_sd15_step_is_timed_on_its_own_family():
     assert rows["cache_build"]["family"] == "sd15" and positive(rows["adamw"]["samples_per_s"])
     assert positive(rows["adamw"]["last_loss"]) and rows["adamw"]["resolution"] == 64
 
+@pytest.mark.slow
 def test_the_step_at_a_bucket_trains_on_that_shape():
     """--bucket WIDTHxHEIGHT: the cache in its per-bucket layout, the step at 48x80 (3,840 pixels
     against the 64x64 square's 4,096: fewer FLOPs per sample, counted by torch)."""
@@ -99,10 +104,14 @@ def test_the_step_at_a_bucket_trains_on_that_shape():
         assert rows["adamw"]["bucket"] == bucket and positive(rows["adamw"]["samples_per_s"])
         flops[bucket] = rows["cache_build"]["model_tflop_per_sample"]
     assert flops["48x80"] < flops[None] * 0.97
+
+
+def test_a_bucket_that_is_not_width_x_height_is_one_line_exit_2():
     bad = throughput("--bucket", "48 by 80")
     assert bad.returncode == 2 and "--bucket 48 by 80 is not WIDTHxHEIGHT" in bad.stderr
 
 
+@pytest.mark.slow
 def test_loop_times_train_sh_with_the_flags_given(tmp_path):
     out = tmp_path / "loop.jsonl"
     proc = throughput("--loop", "--steps", "4", "--logging_steps", "2", "--output_json", out,
@@ -119,6 +128,7 @@ def test_loop_times_train_sh_with_the_flags_given(tmp_path):
     assert row["peak_memory_gib"] == 0.0  # the CPU
 
 
+@pytest.mark.slow
 def test_loop_past_its_timeout_leaves_nothing_running(tmp_path):
     marker = uuid.uuid4().hex  # inherited by every process the benchmark starts
     proc = throughput("--loop", "--steps", "4", "--logging_steps", "2", "--timeout", "3", timeout=300,

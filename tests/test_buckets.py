@@ -270,6 +270,7 @@ def test_accelerate_splits_the_bucket_batches_without_adding_any():
         assert all(len({a.of_sample[i] for i in b}) == 1 for s in shards for b in s)
 
 
+@pytest.mark.slow
 def test_two_processes_train_on_buckets_through_train_sh(three_aspects, tiny_sdxl, tmp_path):
     from test_distributed import steps, train_sh
 

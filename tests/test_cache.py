@@ -129,16 +129,14 @@ def test_the_key_covers_every_weight_the_compute_dtypes_and_the_tokenizers(setup
 def test_a_reconverted_dataset_with_changed_pairs_is_encoded_again(tiny_sdxl, tmp_path):
     """Convert, train; change some pairs and convert the same source again into the same folder;
     train again on the shared cache: changed pairs are encoded again, unchanged ones reused."""
-    import subprocess
-    import sys
-
     from PIL import Image
 
-    from test_train_e2e import ROOT
+    from conftest import run_main
+    from convert_to_hf_dataset import main as convert_main
+    from ip2p.tiny.sample_data import main as sample_data_main
 
     def convert():
-        proc = subprocess.run([sys.executable, "convert_to_hf_dataset.py", "--data_dir", str(src), "--output_dir",
-                               str(data), "--overwrite"], cwd=ROOT, capture_output=True, text=True, timeout=300)
+        proc = run_main(convert_main, ["--data_dir", src, "--output_dir", data, "--overwrite"])
         assert proc.returncode == 0, proc.stderr[-2000:]
 
     def train(name):
@@ -146,8 +144,7 @@ def test_a_reconverted_dataset_with_changed_pairs_is_encoded_again(tiny_sdxl, tm
                                     "--latent_cache_dir", cache)).stdout
 
     src, data, cache = tmp_path / "src", tmp_path / "data_hf", tmp_path / "cache"
-    subprocess.run([sys.executable, "-m", "ip2p.tiny.sample_data", "--output_dir", str(src), "--num_pairs", "6"],
-                   cwd=ROOT, check=True, capture_output=True, timeout=300)
+    assert run_main(sample_data_main, ["--output_dir", src, "--num_pairs", 6]).returncode == 0
     convert()
     assert "latent cache: encoding" in train("first")
     convert()  # the same pairs again: the same content, the entry is reused

@@ -21,6 +21,7 @@ from test_distributed import free_port
 from test_train_e2e import metrics
 
 pytest.importorskip("deepspeed", reason="DeepSpeed is in requirements-dev.txt")
+pytestmark = pytest.mark.slow
 
 ROOT = Path(__file__).resolve().parents[1]
 

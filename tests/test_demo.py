@@ -21,6 +21,7 @@ FIGURES = re.compile(r"^edit MSE to the expected edit: (\d+\.\d+) "
                      r"\(the unedited photo: (\d+\.\d+), (\d+\.\d+)x\)$")
 
 
+@pytest.mark.slow
 def test_demo_runs_every_stage(tmp_path):
     demo = tmp_path / "demo"
     env = dict(os.environ, DEMO_DIR=str(demo), DEMO_STEPS="4", DEMO_PAIRS="16", DEMO_VAE_STEPS="4")

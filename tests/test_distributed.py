@@ -7,6 +7,8 @@ import socket
 import subprocess
 from pathlib import Path
 
+import pytest
+
 from conftest import run_in_session
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -29,6 +31,7 @@ def steps(out: Path) -> list[int]:
     return [json.loads(line)["step"] for line in (out / "logs" / "metrics.jsonl").read_text().splitlines()]
 
 
+@pytest.mark.slow
 def test_two_processes_train_checkpoint_and_resume_on_one(tiny_sdxl, tiny_pairs, tmp_path):
     common = ["--config", "configs/tiny_cpu.yaml", "--pretrained_model_name_or_path", tiny_sdxl,
               "--data_dir", tiny_pairs, "--report_to", "none", "--latent_cache_shard_size", 4]

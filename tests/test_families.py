@@ -4,14 +4,13 @@ refused with one line."""
 
 import json
 import shutil
-import sys
 from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
 import torch
 
-from conftest import run_in_session
+from conftest import run_main
 from test_train_e2e import metrics, run_train, tiny_args
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -216,9 +215,10 @@ def test_each_starting_point_trains_resumes_exactly_saves_and_edits(start, tiny_
     assert type(pipe).__name__ == expected and pipe.unet.config.in_channels == 8
     assert f"from diffusers import {expected}" in (whole / "README.md").read_text()
     out = tmp_path / "edited.png"
-    proc = run_in_session([sys.executable, "inference.py", "--model_path", str(whole), "--input_image", str(photo),
-                           "--instruction", "make it blue", "--output_path", str(out), "--num_inference_steps", "2"],
-                          timeout=300, cwd=ROOT)
+    from inference import main
+
+    proc = run_main(main, ["--model_path", whole, "--input_image", photo, "--instruction", "make it blue",
+                           "--output_path", out, "--num_inference_steps", 2])
     assert proc.returncode == 0, proc.stderr[-2000:]
     width, height = Image.open(out).size
     assert f"(edit at {width}x{height})" in proc.stdout and width > height  # the photo's aspect, both families
@@ -236,9 +236,10 @@ def test_sd15_cache_and_encoding_on_the_fly_give_the_same_losses(tiny_sd15, tiny
 
 
 def test_the_tiny_model_command_writes_each_family(tmp_path):
+    from ip2p.tiny.model import main as tiny_model_main
+
     for family, pipeline in (("sd15", "StableDiffusionPipeline"), ("sdxl", "StableDiffusionXLPipeline")):
         out = tmp_path / family
-        proc = run_in_session([sys.executable, "-m", "ip2p.tiny.model", "--output_dir", out, "--family", family],
-                              timeout=300, cwd=ROOT)
+        proc = run_main(tiny_model_main, ["--output_dir", out, "--family", family])  # python -m ip2p.tiny.model
         assert proc.returncode == 0, proc.stderr[-2000:]
         assert json.loads((out / "model_index.json").read_text())["_class_name"] == pipeline

@@ -3,8 +3,6 @@ dataset, and trusts the record only for exactly the files it describes."""
 
 import json
 import os
-import subprocess
-import sys
 from pathlib import Path
 
 import datasets
@@ -23,16 +21,9 @@ ROOT = Path(__file__).resolve().parents[1]
 
 
 @pytest.fixture(scope="module")
-def converted(tmp_path_factory) -> Path:
-    """Demo pairs converted with two worker processes and a held-out split."""
-    tmp = tmp_path_factory.mktemp("fp")
-    subprocess.run([sys.executable, "-m", "ip2p.tiny.sample_data", "--output_dir", str(tmp / "src"), "--num_pairs", "20"],
-                   cwd=ROOT, check=True, capture_output=True, timeout=300)
-    proc = subprocess.run([sys.executable, "convert_to_hf_dataset.py", "--data_dir", str(tmp / "src"), "--output_dir",
-                           str(tmp / "hf"), "--num_proc", "2", "--val_fraction", "0.25"],
-                          cwd=ROOT, capture_output=True, text=True, timeout=300)
-    assert proc.returncode == 0, proc.stderr[-2000:]
-    return tmp / "hf"
+def converted(converted_pairs) -> Path:
+    """Demo pairs converted with two worker processes and a held-out split (conftest)."""
+    return converted_pairs
 
 
 def test_the_recorded_fingerprint_is_the_one_computed_from_the_rows(converted):

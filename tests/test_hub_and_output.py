@@ -4,31 +4,37 @@ is quiet of third-party noise and warns about photos smaller than the training r
 import os
 from pathlib import Path
 
-from test_reliability import finish, start_patched
-from test_train_e2e import ROOT, tiny_args
+from test_train_e2e import ROOT, run_train, tiny_args
 
-# The hub, as far as a run sees it: the repository exists, the upload fails (no network here).
-FAILING_UPLOAD = """
-    import os
-    os.environ["HF_HUB_OFFLINE"] = "0"  # the test session is offline; this run reaches the (fake) hub
-    os.environ["HF_TOKEN"] = "hf_test"
-    import huggingface_hub
+def hub_that_refuses_uploads(monkeypatch) -> None:
+    """The hub, as far as a run sees it: the repository exists, the upload fails (no network here)."""
     from types import SimpleNamespace
-    huggingface_hub.create_repo = lambda name, **kw: SimpleNamespace(repo_id=f"someone/{name}")
+
+    import huggingface_hub
+    from huggingface_hub import constants
+
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)  # the test session is offline; this run reaches the (fake) hub
+    monkeypatch.setenv("HF_TOKEN", "hf_test")
+    monkeypatch.setattr(huggingface_hub, "create_repo", lambda name, **kw: SimpleNamespace(repo_id=f"someone/{name}"))
+
     def upload_folder(**kw):
         raise OSError("Connection refused while uploading")
-    huggingface_hub.upload_folder = upload_folder
-"""
+
+    monkeypatch.setattr(huggingface_hub, "upload_folder", upload_folder)
+
+
 NOISE = ("Failed to load CPU gemm_4bit_forward", "Setting accelerator to CPU", "requires torchvision",
          "should be kept in float32: []")
 
 
-def test_a_failed_upload_keeps_the_pipeline_and_says_how_to_upload_it(tiny_sdxl, tiny_pairs, tmp_path):
+def test_a_failed_upload_keeps_the_pipeline_and_says_how_to_upload_it(tiny_sdxl, tiny_pairs, tmp_path,
+                                                                     monkeypatch):
     out = tmp_path / "run"
     relative_model = os.path.relpath(tiny_sdxl, ROOT)  # as a user types it
     args = tiny_args(relative_model, tiny_pairs, out, "--max_train_steps", 1, "--report_to", "none", "--push_to_hub")
-    proc = start_patched(tmp_path, FAILING_UPLOAD, args)
-    code, log = finish(proc)
+    hub_that_refuses_uploads(monkeypatch)
+    proc = run_train(*args, check=False)
+    code, log = proc.returncode, proc.stdout + proc.stderr
     assert code == 3, log[-3000:]
     errors = [line for line in log.splitlines() if line.startswith("error:")]
     assert len(errors) == 1 and "Traceback" not in log

@@ -141,6 +141,7 @@ def assert_short_run_learned(summary: dict) -> None:
     assert edits["wrong_instruction_latent"] > edits["right_instruction_latent"], edits
 
 
+@pytest.mark.slow
 def test_learning_check_short_run_uses_the_instruction_and_the_photo(tmp_path):
     """Four CPU minutes of the real trainer on the demo's task (a weaker VAE fit, 1,200 steps). What
     such a run shows on this VM: the photo is used (held-out loss +12% without it); at 96% noise the

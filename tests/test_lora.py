@@ -2,14 +2,13 @@
 exact resume, the adapter in diffusers' format next to the merged pipeline, inference.py --lora."""
 
 import json
-import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 
-from conftest import run_in_session
+from conftest import run_main
 from test_train_e2e import metrics, run_train, tiny_args
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -17,9 +16,10 @@ LORA = ["--lora_rank", 4, "--lora_alpha", 8, "--learning_rate", 1e-3]
 
 
 def edit_with_inference(model, out: Path, photo: Path, *extra) -> np.ndarray:
-    proc = run_in_session([sys.executable, "inference.py", "--model_path", model, "--input_image", photo,
-                           "--instruction", "make it blue", "--output_path", out, "--num_inference_steps", 2,
-                           *extra], timeout=300, cwd=ROOT)
+    from inference import main
+
+    proc = run_main(main, ["--model_path", model, "--input_image", photo, "--instruction", "make it blue",
+                           "--output_path", out, "--num_inference_steps", 2, *extra])
     assert proc.returncode == 0, proc.stderr[-2000:]
     from PIL import Image
 
@@ -119,8 +119,10 @@ def test_on_an_instruct_pix2pix_start_only_the_adapter_trains(tiny_sd15_ip2p, ti
     adapted = edit_with_inference(tiny_sd15_ip2p, tmp_path / "a.png", photo, "--lora", out)
     plain = edit_with_inference(tiny_sd15_ip2p, tmp_path / "p.png", photo, "--lora", out, "--lora_scale", 0)
     assert adapted.shape == plain.shape
-    proc = run_in_session([sys.executable, "inference.py", "--model_path", out, "--input_image", photo,
-                           "--instruction", "x", "--output_path", tmp_path / "x.png"], timeout=120, cwd=ROOT)
+    from inference import main
+
+    proc = run_main(main, ["--model_path", out, "--input_image", photo, "--instruction", "x",
+                           "--output_path", tmp_path / "x.png"])
     assert proc.returncode == 2 and "holds a LoRA adapter, not a pipeline" in proc.stderr
 
 
@@ -164,6 +166,7 @@ def test_frozen_weights_take_the_mixed_precision_dtype_and_the_trained_ones_stay
     json.dumps(lora.peft_config().to_dict(), default=str)  # the adapter file's metadata
 
 
+@pytest.mark.slow
 def test_lora_with_ddp_bf16_checkpointing_and_compile(tiny_sdxl, tiny_pairs, tmp_path):
     """Two processes through train.sh, bf16 autocast over bf16 frozen weights, gradient
     checkpointing (the frozen blocks still pass gradients to the adapters) and regional compilation."""

@@ -42,26 +42,30 @@ def unet_weights(out: Path) -> dict:
     return load_file(out / "unet" / "diffusion_pytorch_model.safetensors")
 
 
-# Records the order of EMAModel's calls and prints it at exit.
-EMA_SPY = """
-    import atexit
+def spy_on_ema(monkeypatch) -> list[str]:
+    """The order of EMAModel's calls in the runs that follow, as a list of names."""
     from diffusers.training_utils import EMAModel
+
     events, real = [], (EMAModel.to, EMAModel.load_state_dict, EMAModel.step)
+
     def to(self, device=None, dtype=None, non_blocking=False):
         events.append(f"to:{device}")
         return real[0](self, device, dtype, non_blocking)
+
     def load_state_dict(self, state_dict):
         events.append("load")
         return real[1](self, state_dict)
+
     def step(self, parameters):
         events.append("step")
         return real[2](self, parameters)
-    EMAModel.to, EMAModel.load_state_dict, EMAModel.step = to, load_state_dict, step
-    atexit.register(lambda: print("EMA calls:", " ".join(events)))
-"""
+
+    for name, spy in (("to", to), ("load_state_dict", load_state_dict), ("step", step)):
+        monkeypatch.setattr(EMAModel, name, spy)
+    return events
 
 
-def test_resumed_run_is_bit_identical_to_an_unbroken_one(tiny_sdxl, tiny_pairs, tmp_path):
+def test_resumed_run_is_bit_identical_to_an_unbroken_one(tiny_sdxl, tiny_pairs, tmp_path, monkeypatch):
     # dropout, random flips and EMA on; 10 pairs, batch 4, accumulation 2: the break falls mid-epoch
     extra = ["--max_train_steps", 6, "--gradient_accumulation_steps", 2, "--use_ema", "--report_to", "none",
              "--checkpointing_steps", 3, "--conditioning_dropout_prob", 0.1]
@@ -70,10 +74,8 @@ def test_resumed_run_is_bit_identical_to_an_unbroken_one(tiny_sdxl, tiny_pairs, 
     half = extra.copy()
     half[1] = 3
     run_train(*tiny_args(tiny_sdxl, tiny_pairs, broken, *half))
-    resumed = start_patched(tmp_path, EMA_SPY, tiny_args(tiny_sdxl, tiny_pairs, broken, *extra,
-                                                         "--resume_from_checkpoint", "latest"))
-    code, log = finish(resumed)
-    assert code == 0, log[-3000:]
+    events = spy_on_ema(monkeypatch)
+    run_train(*tiny_args(tiny_sdxl, tiny_pairs, broken, *extra, "--resume_from_checkpoint", "latest"))
     a, b = unet_weights(whole), unet_weights(broken)
     assert a.keys() == b.keys() and all(a[k].equal(b[k]) for k in a)
     assert [m["loss"] for m in metrics(whole)] == [m["loss"] for m in metrics(broken)]
@@ -83,7 +85,6 @@ def test_resumed_run_is_bit_identical_to_an_unbroken_one(tiny_sdxl, tiny_pairs, 
     # CPU shadows, and the first ema.step after a resume mixed devices (a crash on CUDA). On a CPU
     # the devices are the same, so the order of the calls is checked: load, then to(device), then
     # the first step. tests/gpu/ runs the resume itself on CUDA.
-    events = log.split("EMA calls:")[1].split("\n")[0].split()
     load, first_step = events.index("load"), events.index("step")
     moves = [i for i, e in enumerate(events) if e == "to:cpu"]
     assert moves and load < moves[-1] < first_step, events
@@ -172,52 +173,54 @@ def test_sigkill_during_a_save_leaves_the_last_checkpoint_usable(tiny_sdxl, tiny
     assert sorted(p.name for p in out.glob("checkpoint-*")) == ["checkpoint-4"]  # the stale .tmp was replaced
 
 
-def test_a_full_disk_stops_before_the_checkpoint_with_a_clear_message(tiny_sdxl, tiny_pairs, tmp_path):
+def test_a_full_disk_stops_before_the_checkpoint_with_a_clear_message(tiny_sdxl, tiny_pairs, tmp_path, monkeypatch):
+    import ip2p.training.guards
+
+    calls = []
+
+    def free_bytes(folder):
+        calls.append(folder)
+        return 10**15 if len(calls) == 1 else 1000  # room for the first checkpoint only
+
+    monkeypatch.setattr(ip2p.training.guards, "free_bytes", free_bytes)
     out = tmp_path / "run"
-    patch = """
-        import ip2p.training.guards
-        calls = []
-        def free_bytes(folder):
-            calls.append(folder)
-            return 10**15 if len(calls) == 1 else 1000  # room for the first checkpoint only
-        ip2p.training.guards.free_bytes = free_bytes
-    """
-    rc, log = finish(start_patched(tmp_path, patch, tiny_args(
-        tiny_sdxl, tiny_pairs, out, "--max_train_steps", 6, "--checkpointing_steps", 2, "--report_to", "none")))
-    assert rc == 2
-    assert f"error: not enough disk space in {out} for checkpoint-4" in log and "GB needed" in log
+    proc = run_train(*tiny_args(tiny_sdxl, tiny_pairs, out, "--max_train_steps", 6, "--checkpointing_steps", 2,
+                                "--report_to", "none"), check=False)
+    assert proc.returncode == 2, proc.stderr[-3000:]
+    assert f"error: not enough disk space in {out} for checkpoint-4" in proc.stderr and "GB needed" in proc.stderr
     assert sorted(p.name for p in out.glob("checkpoint-*")) == ["checkpoint-2"]
 
 
-NAN_AFTER = """
+def nan_losses_at(monkeypatch, bad_calls) -> None:
+    """The loss of these calls of forward_loss (counted from 1, one per micro-step) becomes NaN."""
     import ip2p.training.step
-    real = ip2p.training.step.forward_loss
-    calls = []
+
+    real, calls = ip2p.training.step.forward_loss, []
+
     def forward_loss(*a, **k):
         calls.append(1)
         loss = real(*a, **k)
-        return loss * float("nan") if len(calls) in BAD_CALLS else loss
-    ip2p.training.step.forward_loss = forward_loss
-"""
+        return loss * float("nan") if len(calls) in bad_calls else loss
+
+    monkeypatch.setattr(ip2p.training.step, "forward_loss", forward_loss)
 
 
-def test_a_non_finite_step_is_skipped_and_counted(tiny_sdxl, tiny_pairs, tmp_path):
+def test_a_non_finite_step_is_skipped_and_counted(tiny_sdxl, tiny_pairs, tmp_path, monkeypatch):
     out = tmp_path / "run"
-    rc, log = finish(start_patched(tmp_path, "BAD_CALLS = {3}\n" + textwrap.dedent(NAN_AFTER), tiny_args(
-        tiny_sdxl, tiny_pairs, out, "--max_train_steps", 5, "--report_to", "none")))
-    assert rc == 0, log[-3000:]
-    assert "optimizer step 3: the loss or the gradients were not finite; the update was skipped" in log
+    nan_losses_at(monkeypatch, {3})
+    proc = run_train(*tiny_args(tiny_sdxl, tiny_pairs, out, "--max_train_steps", 5, "--report_to", "none"))
+    assert "optimizer step 3: the loss or the gradients were not finite; the update was skipped" in proc.stderr
     assert [m["skipped_steps"] for m in metrics(out)] == [0, 0, 1, 1, 1]
     assert "optimizer steps skipped (non-finite gradients) | 1" in (out / "README.md").read_text()
 
 
-def test_too_many_non_finite_steps_in_a_row_stop_the_run(tiny_sdxl, tiny_pairs, tmp_path):
+def test_too_many_non_finite_steps_in_a_row_stop_the_run(tiny_sdxl, tiny_pairs, tmp_path, monkeypatch):
     out = tmp_path / "run"
-    rc, log = finish(start_patched(tmp_path, "BAD_CALLS = set(range(3, 100))\n" + textwrap.dedent(NAN_AFTER), tiny_args(
-        tiny_sdxl, tiny_pairs, out, "--max_train_steps", 20, "--report_to", "none", "--max_nonfinite_steps", 3,
-        "--checkpointing_steps", 2)))
-    assert rc == 2
-    (line,) = [x for x in log.splitlines() if x.startswith("error:")]
+    nan_losses_at(monkeypatch, set(range(3, 100)))
+    proc = run_train(*tiny_args(tiny_sdxl, tiny_pairs, out, "--max_train_steps", 20, "--report_to", "none",
+                                "--max_nonfinite_steps", 3, "--checkpointing_steps", 2), check=False)
+    assert proc.returncode == 2
+    (line,) = [x for x in proc.stderr.splitlines() if x.startswith("error:")]
     assert line.startswith("error: the loss or gradients were not finite for 3 optimizer steps in a row (up to step 5)")
     assert "--mixed_precision bf16" in line and line.endswith("checkpoint-4")  # skipped steps change no weight
 

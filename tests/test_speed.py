@@ -81,6 +81,7 @@ def eager_losses(tiny_sdxl, tiny_pairs, tmp_path_factory):
 # The full mode through the trainer takes over 2 minutes to compile on a 2-core CPU (2.4 with
 # gradient checkpointing), too long for every CI run; tests/test_benchmarks.py compares its step
 # with eager's (the trainer's own step function and compile_unet, one compilation, about a minute).
+@pytest.mark.slow
 @pytest.mark.parametrize("mode", ["regional"])
 def test_torch_compile_keeps_the_losses_of_eager_mode(tiny_sdxl, tiny_pairs, tmp_path, mode, eager_losses):
     """On the tiny model on the CPU (inductor's C++ backend), with gradient checkpointing and

@@ -1,27 +1,22 @@
-"""The trainer end to end on a tiny SDXL on the CPU, as users run it (a subprocess per run)."""
+"""The trainer end to end on a tiny SDXL on the CPU, as users run it (its main, in this process)."""
 
 import json
 import os
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import torch
 
-from conftest import run_in_session
+from conftest import train_in_process
 
 ROOT = Path(__file__).resolve().parents[1]
 GOLDEN = Path(__file__).parent / "golden" / "tiny_cpu_losses.json"
 
 
 def run_train(*args, check=True) -> subprocess.CompletedProcess:
-    cmd = [sys.executable, str(ROOT / "train_instruct_pix2pix_sdxl.py"), *map(str, args)]
-    env = dict(os.environ, PYTHONUNBUFFERED="1")
-    proc = run_in_session(cmd, timeout=600, cwd=ROOT, env=env)  # a timeout ends DataLoader workers too
-    if check and proc.returncode != 0:
-        raise AssertionError(f"training failed ({proc.returncode}):\n{proc.stderr[-4000:]}")
-    return proc
+    """The trainer on ARGS, in this process (conftest.train_in_process)."""
+    return train_in_process(*args, check=check)
 
 
 def metrics(output_dir: Path) -> list[dict]:

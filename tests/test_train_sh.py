@@ -68,6 +68,7 @@ def test_a_user_error_is_the_trainers_line_and_exit_2(tiny_sdxl, tiny_pairs, tmp
 
 # The trainer processes run in sessions of their own, so a signal to train.sh's group and one to
 # train.sh alone take the same path (the launcher passes it on); one of each, one per launcher.
+@pytest.mark.slow
 @pytest.mark.parametrize("processes, target", [(1, "group"), (2, "train.sh")])
 def test_sigterm_checkpoints_and_train_sh_exits_75(tiny_sdxl, tiny_pairs, tmp_path, processes, target):
     """A SIGTERM to train.sh's process group (what a terminal or a job runner sends) or to train.sh
@@ -100,6 +101,7 @@ def test_sigterm_checkpoints_and_train_sh_exits_75(tiny_sdxl, tiny_pairs, tmp_pa
     assert "Traceback" not in err
 
 
+@pytest.mark.slow
 def test_two_compiled_processes_stop_together_when_only_one_gets_a_sigterm(tiny_sdxl, tiny_pairs, tmp_path):
     """DDP (static graph, gradients as bucket views) with regional compilation, gradient
     checkpointing and accumulation trains; a SIGTERM to the second process alone reaches the first

@@ -212,6 +212,27 @@ def converted_pairs(tmp_path_factory) -> Path:
 
 
 @pytest.fixture(scope="session")
+def trained_pipeline(tiny_sdxl, converted_pairs, tmp_path_factory):
+    """The tiny recipe trained for 4 optimizer steps on `converted_pairs`, validating on a held-out
+    photo at the last step, once per test run: (pipeline folder, the photo, its instruction, the
+    trainer's CompletedProcess), for every test that only reads a trained pipeline."""
+    import datasets
+
+    from train_instruct_pix2pix_sdxl import main
+
+    root = tmp_path_factory.mktemp("trained")
+    held = datasets.load_from_disk(str(converted_pairs))["validation"][0]
+    held["input_image"].save(root / "photo.png")
+    out = root / "model"
+    proc = run_main(main, ["--config", "configs/tiny_cpu.yaml", "--pretrained_model_name_or_path", tiny_sdxl,
+                           "--data_dir", converted_pairs, "--output_dir", out, "--max_train_steps", 4,
+                           "--checkpointing_steps", 2, "--validation_steps", 4, "--report_to", "none",
+                           "--val_image_url_or_path", root / "photo.png", "--validation_prompt", held["edit_prompt"]])
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    return out, root / "photo.png", held["edit_prompt"], proc
+
+
+@pytest.fixture(scope="session")
 def tiny_ip2p(tmp_path_factory) -> Path:
     """A tiny 8-channel InstructPix2Pix pipeline whose photo channels are non-zero.
 

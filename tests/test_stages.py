@@ -8,28 +8,9 @@ import json
 import math
 
 import datasets
-import pytest
 from PIL import Image
 
 from conftest import run_main
-
-
-@pytest.fixture(scope="session")
-def trained_pipeline(tiny_sdxl, converted_pairs, tmp_path_factory):
-    """The tiny recipe trained for 4 optimizer steps on the converted pairs, validating on a held-out
-    photo at the last step; with the trainer's captured output."""
-    from train_instruct_pix2pix_sdxl import main
-
-    root = tmp_path_factory.mktemp("stages")
-    held = datasets.load_from_disk(str(converted_pairs))["validation"][0]
-    held["input_image"].save(root / "photo.png")
-    out = root / "model"
-    proc = run_main(main, ["--config", "configs/tiny_cpu.yaml", "--pretrained_model_name_or_path", tiny_sdxl,
-                           "--data_dir", converted_pairs, "--output_dir", out, "--max_train_steps", 4,
-                           "--checkpointing_steps", 2, "--validation_steps", 4, "--report_to", "none",
-                           "--val_image_url_or_path", root / "photo.png", "--validation_prompt", held["edit_prompt"]])
-    assert proc.returncode == 0, proc.stderr[-4000:]
-    return out, root / "photo.png", held["edit_prompt"], proc
 
 
 def test_the_converter_writes_both_splits_and_its_report(converted_pairs):

@@ -19,6 +19,7 @@ from PIL import Image
 
 ROOT = Path(__file__).resolve().parents[1]
 
+
 def communicate_or_kill(proc: subprocess.Popen, timeout: int) -> tuple[str, str]:
     """The output of a process started with start_new_session=True; past `timeout` its whole
     process group (a launcher, the trainer under it, DataLoader workers) is killed and the test fails."""

@@ -6,7 +6,6 @@ import os
 from pathlib import Path
 
 import datasets
-import pytest
 
 from conftest import write_pairs_dataset
 from ip2p.fingerprint import (
@@ -20,25 +19,19 @@ from ip2p.fingerprint import (
 ROOT = Path(__file__).resolve().parents[1]
 
 
-@pytest.fixture(scope="module")
-def converted(converted_pairs) -> Path:
-    """Demo pairs converted with two worker processes and a held-out split (conftest)."""
-    return converted_pairs
-
-
-def test_the_recorded_fingerprint_is_the_one_computed_from_the_rows(converted):
-    report = json.loads((converted / "conversion_report.json").read_text())
-    loaded = datasets.load_from_disk(str(converted))
+def test_the_recorded_fingerprint_is_the_one_computed_from_the_rows(converted_pairs):
+    report = json.loads((converted_pairs / "conversion_report.json").read_text())
+    loaded = datasets.load_from_disk(str(converted_pairs))
     for split in ("train", "validation"):
         ds = loaded[split]
         recorded = recorded_dataset_fingerprint(ds, CONVERTER_COLUMNS)
         assert recorded == compute_dataset_fingerprint(ds, CONVERTER_COLUMNS) == report["content_fingerprint"][split]
-        assert json.loads((converted / split / "state.json").read_text())["_fingerprint"] == recorded[:16]
+        assert json.loads((converted_pairs / split / "state.json").read_text())["_fingerprint"] == recorded[:16]
     assert report["content_fingerprint"]["train"] != report["content_fingerprint"]["validation"]
 
 
-def test_the_record_is_not_trusted_beyond_the_files_it_describes(converted, tmp_path):
-    ds = datasets.load_from_disk(str(converted / "train"))
+def test_the_record_is_not_trusted_beyond_the_files_it_describes(converted_pairs, tmp_path):
+    ds = datasets.load_from_disk(str(converted_pairs / "train"))
     assert recorded_dataset_fingerprint(ds.select(range(3)), CONVERTER_COLUMNS) is None  # a subset
     other_columns = ("input_image", "input_caption", "edited_image")
     assert recorded_dataset_fingerprint(ds, other_columns) is None
@@ -48,9 +41,9 @@ def test_the_record_is_not_trusted_beyond_the_files_it_describes(converted, tmp_
     st = data_file.stat()
     os.utime(data_file, ns=(st.st_atime_ns, st.st_mtime_ns + 1))  # the folder was rewritten by something else
     try:
-        assert recorded_dataset_fingerprint(datasets.load_from_disk(str(converted / "train")), CONVERTER_COLUMNS) is None
+        assert recorded_dataset_fingerprint(datasets.load_from_disk(str(converted_pairs / "train")), CONVERTER_COLUMNS) is None
         lines = []
-        dataset_fingerprint(datasets.load_from_disk(str(converted / "train")), CONVERTER_COLUMNS, lines.append)
+        dataset_fingerprint(datasets.load_from_disk(str(converted_pairs / "train")), CONVERTER_COLUMNS, lines.append)
         assert "computed from" in lines[0]
     finally:
         os.utime(data_file, ns=(st.st_atime_ns, st.st_mtime_ns))

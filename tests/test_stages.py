@@ -2,7 +2,7 @@
 other: convert_to_hf_dataset.py -> train_instruct_pix2pix_sdxl.py -> inference.py -> evaluate.py.
 
 The fast tier's end-to-end check: a stage that stops producing what the next one reads fails here
-within a minute. The launchers (train.sh, demo.sh) run the same chain in the slow tier."""
+within a minute. demo.sh runs convert -> train -> inference as separate processes in the slow tier."""
 
 import json
 import math

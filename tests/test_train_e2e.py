@@ -2,21 +2,15 @@
 
 import json
 import os
-import subprocess
 from pathlib import Path
 
 import pytest
 import torch
 
-from conftest import train_in_process
+from conftest import train_in_process as run_train  # the trainer's main, in this process
 
 ROOT = Path(__file__).resolve().parents[1]
 GOLDEN = Path(__file__).parent / "golden" / "tiny_cpu_losses.json"
-
-
-def run_train(*args, check=True) -> subprocess.CompletedProcess:
-    """The trainer on ARGS, in this process (conftest.train_in_process)."""
-    return train_in_process(*args, check=check)
 
 
 def metrics(output_dir: Path) -> list[dict]:
